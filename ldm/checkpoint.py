@@ -1,0 +1,169 @@
+"""Reading, writing and strictly applying checkpoints.
+
+One reader for ``.ckpt``/``.pt``/``.pth`` (pickles, loaded with ``weights_only=True``: a
+pickle that tries to run code is refused) and ``.safetensors``; atomic writers; and a
+strict loader that explains what a mismatch most likely means.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+NATIVE_MHA_CONVERTER = "python tools/convert_native_mha.py"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors: its ``state_dict`` entry, or the flat dict itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: it is not a plain-tensor checkpoint (weights_only=True loading rejects "
+            f"pickles that run code or hold arbitrary objects). Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _atomic_target(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite/--force to replace it)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    return path
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write tensors atomically (temporary file in the same folder, then rename).
+
+    The format follows the extension: ``.safetensors``, anything else a ``torch.save`` pickle.
+    """
+    path = _atomic_target(Path(path), overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if _is_safetensors(path):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=dict(metadata or {}))
+        else:
+            torch.save({"state_dict": dict(state)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _preview(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)}: {shown}" + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def diagnose_mismatch(
+    missing: Iterable[str], unexpected: Iterable[str], shapes: Mapping[str, tuple[tuple, tuple]] | None = None
+) -> str:
+    """A human explanation of a strict-loading mismatch, naming the likely cause and the fix."""
+    missing, unexpected = set(missing), set(unexpected)
+    shapes = dict(shapes or {})
+    lines = []
+    if missing:
+        lines.append(f"missing keys {_preview(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys {_preview(unexpected)}")
+    if shapes:
+        lines.append("shape mismatches " + _preview(f"{k} (checkpoint {c}, model {m})" for k, (c, m) in shapes.items()))
+
+    def any_has(keys: set[str], *parts: str) -> bool:
+        return any(p in k for k in keys for p in parts)
+
+    native_keys = ("in_proj_weight", "q_proj_weight", "out_proj.weight")
+    unet = "model.diffusion_model."
+    if any(unet in k and any(n in k for n in native_keys) for k in unexpected) and any_has(missing, ".to_q."):
+        lines.append(
+            "The checkpoint is in the native-MHA layout and the config in the original layout: use the "
+            f"*_native_mha.yaml config, or convert it back with `{NATIVE_MHA_CONVERTER} --reverse IN OUT`."
+        )
+    elif any(unet in k and ".to_q." in k for k in unexpected) and any(
+        unet in k and any(n in k for n in native_keys) for k in missing
+    ):
+        lines.append(
+            "The checkpoint is in the original layout and the config in the native-MHA layout "
+            f"(use_native_mha: true): convert it with `{NATIVE_MHA_CONVERTER} IN OUT`, or use the original config."
+        )
+    if any("cond_stage_model.transformer.text_model" in k for k in unexpected) or any(
+        k.endswith("attn2.to_k.weight") and c[-1] == 768 for k, (c, _) in shapes.items()
+    ):
+        lines.append("This looks like a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder, 768-dim context); SD2 configs need an SD2 checkpoint.")
+    if any(k.endswith("input_blocks.0.0.weight") and c[1] != m[1] for k, (c, m) in shapes.items()):
+        lines.append(
+            "The UNet's input channels differ: an inpainting (9 channels) or depth (5 channels) checkpoint needs its own config."
+        )
+    if any(k.startswith("depth_model.") for k in unexpected):
+        lines.append("This is a depth-conditioned checkpoint (depth_model.*); it needs the depth config.")
+    return "\n".join(lines)
+
+
+def apply_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+) -> None:
+    """Load ``state`` into ``model``; a mismatch raises :class:`CheckpointError` explaining it.
+
+    ``model_ema.*`` entries are ignored (with a log line) when the model keeps no EMA.
+    With ``assign=True`` the tensors are used as they are (no copy): the way to fill a model
+    built on the ``meta`` device.
+    """
+    own = model.state_dict()
+    if not any(k.startswith("model_ema.") for k in own):
+        ema = [k for k in state if k.startswith("model_ema.")]
+        if ema:
+            logger.info("ignoring %d model_ema.* tensors: the config keeps no EMA weights", len(ema))
+            state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+    missing = own.keys() - state.keys()
+    unexpected = state.keys() - own.keys()
+    shapes = {
+        k: (tuple(state[k].shape), tuple(own[k].shape)) for k in own.keys() & state.keys() if state[k].shape != own[k].shape
+    }
+    if shapes or (strict and (missing or unexpected)):
+        raise CheckpointError("checkpoint does not match the model:\n" + diagnose_mismatch(missing, unexpected, shapes))
+    model.load_state_dict(state, strict=strict, assign=assign)

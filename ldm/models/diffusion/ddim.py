@@ -1,0 +1,139 @@
+"""DDIM sampling (Song et al. 2020) with the original ldm interface."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.models.diffusion.sampling import DDIMSchedule, guided_model_output
+
+
+def _unsupported(**options: Any) -> None:
+    used = [name for name, value in options.items() if value]
+    if used:
+        raise NotImplementedError(f"sampler options not supported by this implementation: {', '.join(used)}")
+
+
+class DDIMSampler:
+    """``DDIMSampler(model, device=...)``; ``sample`` returns ``(samples, intermediates)``."""
+
+    def __init__(self, model, schedule: str = "linear", device: torch.device | str | None = None, **kwargs: Any):
+        self.model = model
+        self.ddpm_num_timesteps = model.num_timesteps
+        self.device = torch.device(device) if device is not None else model.device
+        self.schedule: DDIMSchedule | None = None
+
+    def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True) -> None:
+        self.schedule = DDIMSchedule(self.model, ddim_num_steps, ddim_eta, ddim_discretize)
+        self.ddim_timesteps = self.schedule.timesteps
+
+    @torch.no_grad()
+    def sample(
+        self,
+        S: int,
+        batch_size: int,
+        shape: tuple[int, int, int],
+        conditioning: Any = None,
+        callback: Callable[[int], None] | None = None,
+        normals_sequence: Any = None,
+        img_callback: Callable[[torch.Tensor, int], None] | None = None,
+        quantize_x0: bool = False,
+        eta: float = 0.0,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
+        score_corrector: Any = None,
+        corrector_kwargs: dict | None = None,
+        verbose: bool = True,
+        x_T: torch.Tensor | None = None,
+        log_every_t: int = 100,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Any = None,
+        dynamic_threshold: Any = None,
+        ucg_schedule: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        _unsupported(quantize_x0=quantize_x0, score_corrector=score_corrector, dynamic_threshold=dynamic_threshold,
+                     ucg_schedule=ucg_schedule, normals_sequence=normals_sequence)
+        self.make_schedule(S, ddim_eta=eta, verbose=verbose)
+        size = (batch_size, *shape)
+        img = torch.randn(size, device=self.model.device) if x_T is None else x_T
+        return self.ddim_sampling(
+            conditioning, img, callback=callback, img_callback=img_callback, mask=mask, x0=x0,
+            log_every_t=log_every_t, temperature=temperature, noise_dropout=noise_dropout,
+            unconditional_guidance_scale=unconditional_guidance_scale,
+            unconditional_conditioning=unconditional_conditioning,
+        )
+
+    def ddim_sampling(
+        self, cond, img, callback=None, img_callback=None, mask=None, x0=None, log_every_t=100,
+        temperature=1.0, noise_dropout=0.0, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
+        desc: str = "DDIM Sampler",
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        schedule = self.schedule
+        total_steps = len(schedule)
+        intermediates = {"x_inter": [img], "pred_x0": [img]}
+        for i in tqdm(range(total_steps), desc=desc, total=total_steps):
+            index = total_steps - i - 1
+            ts = schedule.timestep_tensor[index].expand(img.shape[0])
+            if mask is not None:
+                img = self.model.q_sample(x0, ts) * mask + (1.0 - mask) * img
+            img, pred_x0 = self.p_sample_ddim(
+                img, cond, ts, index, temperature=temperature, noise_dropout=noise_dropout,
+                unconditional_guidance_scale=unconditional_guidance_scale,
+                unconditional_conditioning=unconditional_conditioning,
+            )
+            if callback:
+                callback(i)
+            if img_callback:
+                img_callback(pred_x0, i)
+            if index % log_every_t == 0 or index == total_steps - 1:
+                intermediates["x_inter"].append(img)
+                intermediates["pred_x0"].append(pred_x0)
+        return img, intermediates
+
+    def p_sample_ddim(
+        self, x, c, t, index: int, temperature: float = 1.0, noise_dropout: float = 0.0,
+        unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None, **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = guided_model_output(self.model, x, t, c, unconditional_conditioning, unconditional_guidance_scale)
+        if self.model.parameterization == "v":
+            e_t = self.model.predict_eps_from_z_and_v(x, t, out)
+            pred_x0 = self.model.predict_start_from_z_and_v(x, t, out)
+        else:
+            e_t, pred_x0 = out, None
+        return self.schedule.step(x, e_t, index, pred_x0, temperature, noise_dropout)
+
+    @torch.no_grad()
+    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise clean latents ``x0`` to DDIM step index ``t`` (img2img's forward process)."""
+        if use_original_steps:
+            return self.model.q_sample(x0, t, noise)
+        noise = torch.randn_like(x0) if noise is None else noise
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        t = t.to(self.schedule.alphas.device)
+        return self.schedule.alphas[t].sqrt().view(shape) * x0 + self.schedule.sqrt_one_minus_alphas[t].view(shape) * noise
+
+    @torch.no_grad()
+    def decode(
+        self, x_latent: torch.Tensor, cond, t_start: int, unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None, use_original_steps: bool = False, callback=None,
+    ) -> torch.Tensor:
+        """Denoise ``x_latent`` from DDIM step ``t_start`` down to a clean latent."""
+        if use_original_steps:
+            raise NotImplementedError("decode with use_original_steps is not supported")
+        schedule = self.schedule
+        x = x_latent
+        for i in tqdm(range(t_start), desc="Decoding image", total=t_start):
+            index = t_start - i - 1
+            ts = schedule.timestep_tensor[index].expand(x.shape[0])
+            x, _ = self.p_sample_ddim(
+                x, cond, ts, index, unconditional_guidance_scale=unconditional_guidance_scale,
+                unconditional_conditioning=unconditional_conditioning,
+            )
+            if callback:
+                callback(i)
+        return x

@@ -1,0 +1,237 @@
+"""Latent diffusion: the SD2 model that ties the UNet, the autoencoder and the text encoder
+to the DDPM noise schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+PARAMETERIZATIONS = ("eps", "v")
+
+# Options of the original DDPM/LatentDiffusion that only steer its training loop or logging.
+_TRAINING_ONLY = {
+    "loss_type", "ckpt_path", "ignore_keys", "load_only_unet", "monitor", "log_every_t", "clip_denoised",
+    "original_elbo_weight", "v_posterior", "l_simple_weight", "scheduler_config", "use_positional_encodings",
+    "learn_logvar", "logvar_init", "make_it_fit", "ucg_training", "reset_ema", "reset_num_ema_updates",
+    "num_timesteps_cond", "concat_mode", "cond_stage_forward", "scale_by_std", "force_null_conditioning",
+    "cond_stage_trainable", "first_stage_key", "cond_stage_key", "base_learning_rate",
+}
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """``a[t]`` shaped to broadcast over a batch of tensors of ``x_shape``."""
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (the checkpoint's key prefix) and routes conditioning."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in (None, "crossattn", "concat", "hybrid"):
+            raise ValueError(f"unsupported conditioning_key {conditioning_key!r}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None) -> torch.Tensor:
+        context = None if not c_crossattn else torch.cat(c_crossattn, 1)
+        if c_concat:
+            x = torch.cat([x, *c_concat], dim=1)
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(nn.Module):
+    """Stable Diffusion 2 in the original module layout (``model.diffusion_model``,
+    ``first_stage_model``, ``cond_stage_model``, schedule buffers), so that official
+    checkpoints load strictly. Inference and the plain training loss; the training loop
+    itself lives in :mod:`ldm.training`.
+    """
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any],
+        unet_config: Mapping[str, Any],
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Any = None,
+        image_size: int = 64,
+        channels: int = 4,
+        conditioning_key: str | None = "crossattn",
+        parameterization: str = "eps",
+        scale_factor: float = 1.0,
+        use_ema: bool = True,
+        **training_options: Any,
+    ):
+        super().__init__()
+        unknown = set(training_options) - _TRAINING_ONLY
+        if unknown:
+            raise TypeError(f"LatentDiffusion got unknown parameters: {sorted(unknown)}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        self.parameterization = parameterization
+        self.image_size = image_size
+        self.channels = channels
+        self.scale_factor = scale_factor
+        self.training_options = training_options
+        self.cond_stage_trainable = bool(training_options.get("cond_stage_trainable", False))
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.first_stage_model = instantiate_from_config(first_stage_config).eval()
+        for p in self.first_stage_model.parameters():
+            p.requires_grad = False
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+
+    def register_schedule(
+        self,
+        given_betas=None,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+    ) -> None:
+        """The DDPM schedule as float32 buffers, computed in float64 as the original does."""
+        if given_betas is not None:
+            betas = np.asarray(given_betas, dtype=np.float64)
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas, axis=0)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = len(betas)
+        self.linear_start, self.linear_end = linear_start, linear_end
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            # Explicitly on the CPU, so that a model built on "meta" still has its schedule.
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    # -- diffusion maths ---------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x.shape) * noise
+            - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x
+        )
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (
+            extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
+        )
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+            - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+        )
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+        )
+
+    # -- the entry points of the original ---------------------------------------------
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, return_ids: bool = False) -> torch.Tensor:
+        """The UNet's prediction (eps or v) for ``x_noisy`` at ``t`` under ``cond``."""
+        if not isinstance(cond, dict):
+            cond = cond if isinstance(cond, list) else [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        return self.model(x_noisy, t, **cond)
+
+    def get_learned_conditioning(self, c):
+        """Text (a list of prompts) to the cross-attention context."""
+        encode = getattr(self.cond_stage_model, "encode", None)
+        c = encode(c) if callable(encode) else self.cond_stage_model(c)
+        return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+
+    def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type {type(encoder_posterior)} not supported")
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @contextlib.contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Run the block with the EMA weights swapped in; a no-op when the model keeps none."""
+        if not self.use_ema:
+            yield
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        if context is not None:
+            logger.info("%s: switched to EMA weights", context)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(self.model.parameters())
+            if context is not None:
+                logger.info("%s: restored training weights", context)
+
+    # -- training loss ---------------------------------------------------------------
+    def p_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The simple (MSE) denoising loss on latents ``x_start`` at timesteps ``t``."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start, t, noise)
+        target = noise if self.parameterization == "eps" else self.get_v(x_start, noise, t)
+        return F.mse_loss(self.apply_model(x_noisy, t, cond).float(), target.float())
+
+    def forward(self, x: torch.Tensor, c, *args, **kwargs) -> torch.Tensor:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device).long()
+        if self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t)

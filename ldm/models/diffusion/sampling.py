@@ -1,0 +1,95 @@
+"""What the DDIM, PLMS and DPM-Solver samplers share: the guided model call and the DDIM
+timestep schedule, computed as the original code computes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def concat_conditioning(uncond: Any, cond: Any) -> Any:
+    """Stack unconditional and conditional inputs (tensors, lists or dicts of them) into one batch."""
+    if isinstance(cond, dict):
+        return {k: concat_conditioning(uncond[k], cond[k]) for k in cond}
+    if isinstance(cond, list):
+        return [torch.cat([u, c]) for u, c in zip(uncond, cond)]
+    return torch.cat([uncond, cond])
+
+
+def guided_model_output(model, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float) -> torch.Tensor:
+    """The model's prediction under classifier-free guidance, uncond and cond in one UNet call."""
+    if uncond is None or scale == 1.0:
+        return model.apply_model(x, t, cond)
+    out_uncond, out_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond)).chunk(2)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
+    """The DDPM timesteps a DDIM/PLMS run visits, ascending, with the original's +1 offset."""
+    if num_ddim_timesteps < 1:
+        raise ValueError(f"the number of sampling steps must be at least 1, got {num_ddim_timesteps}")
+    if num_ddim_timesteps > num_ddpm_timesteps:
+        raise ValueError(f"at most {num_ddpm_timesteps} sampling steps, got {num_ddim_timesteps}")
+    if method == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        steps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+    elif method == "quad":
+        steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise NotImplementedError(f"no DDIM discretization method called {method!r}")
+    # The original shifts by one so that the final alpha is that of step 1, not 0.
+    return steps + 1
+
+
+def make_ddim_sampling_parameters(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: float):
+    """Per-step alphas, previous alphas and sigmas of DDIM (sigmas vanish for eta = 0)."""
+    alphacums = alphas_cumprod.detach().cpu().double().numpy()
+    alphas = alphacums[timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return sigmas, alphas, alphas_prev
+
+
+class DDIMSchedule:
+    """DDIM/PLMS per-step constants, made once on the model's device (no copies in the loop).
+
+    Indexing a device tensor with a Python int yields a device scalar: no host round trip.
+    """
+
+    def __init__(self, model, num_steps: int, eta: float = 0.0, discretize: str = "uniform"):
+        self.timesteps = make_ddim_timesteps(discretize, num_steps, model.num_timesteps)
+        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(model.alphas_cumprod, self.timesteps, eta)
+        device = model.device
+
+        def dev(a) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, dtype=np.float32)).to(device)
+
+        self.eta = eta
+        self.alphas = dev(alphas)
+        self.alphas_prev = dev(alphas_prev)
+        self.sigmas = dev(sigmas)
+        self.sqrt_one_minus_alphas = dev(np.sqrt(1.0 - np.asarray(alphas, dtype=np.float32)))
+        self.timestep_tensor = torch.as_tensor(self.timesteps, dtype=torch.long).to(device)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def step(
+        self, x: torch.Tensor, e_t: torch.Tensor, index: int, pred_x0: torch.Tensor | None = None,
+        temperature: float = 1.0, noise_dropout: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM update from ``x`` at step ``index`` with noise estimate ``e_t``.
+
+        Noise is drawn even when sigma is 0, as the original does, so that a seed's random
+        stream (and so every later image of a run) matches it.
+        """
+        a_t, a_prev, sigma_t = self.alphas[index], self.alphas_prev[index], self.sigmas[index]
+        if pred_x0 is None:
+            pred_x0 = (x - self.sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
+        noise = sigma_t * torch.randn(x.shape, device=x.device) * temperature
+        if noise_dropout > 0.0:
+            noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+        return a_prev.sqrt() * pred_x0 + dir_xt + noise, pred_x0

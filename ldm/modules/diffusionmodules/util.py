@@ -1,0 +1,78 @@
+"""Small building blocks shared by the UNet and the diffusion wrapper."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+
+def make_beta_schedule(
+    schedule: str,
+    n_timestep: int,
+    linear_start: float = 1e-4,
+    linear_end: float = 2e-2,
+    cosine_s: float = 8e-3,
+) -> np.ndarray:
+    """Beta schedules of the original code, computed as it does (torch, float64, on the CPU)."""
+    f64 = dict(dtype=torch.float64, device="cpu")
+    if schedule == "linear":
+        # "linear" is linear in sqrt(beta): SD's scaled-linear schedule.
+        return (torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, **f64) ** 2).numpy()
+    if schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, **f64) / n_timestep + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * np.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        return np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), 0, 0.999)
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, n_timestep, **f64).numpy()
+    if schedule == "sqrt":
+        return (torch.linspace(linear_start, linear_end, n_timestep, **f64) ** 0.5).numpy()
+    raise ValueError(f"unknown beta schedule {schedule!r}")
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embeddings [cos | sin] of (possibly fractional) timesteps, shape (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters (the original's initialisation of output layers)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, as the original UNet does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    return GroupNorm32(32, channels)
+
+
+def checkpoint(function, inputs: tuple, enabled: bool):
+    """Gradient checkpointing, applied only when gradients are being recorded.
+
+    Inference (``torch.no_grad``) never pays for it, and it never wraps a compiled forward.
+    """
+    if enabled and torch.is_grad_enabled():
+        return _torch_checkpoint(function, *inputs, use_reentrant=False)
+    return function(*inputs)

@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny model with the SD2 structure and random weights, its config and
+checkpoint files. Every test module builds its models from here, never its own copy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import save_state_dict
+from ldm.loading import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CONFIGS = ROOT / "configs" / "stable-diffusion"
+# Every tensor (key and shape) of a real SD2 checkpoint: ../shared/, beside the checkout.
+SD2_KEYS_FILE = ROOT.parent / "shared" / "sd2-checkpoint-keys.json"
+
+
+def tiny_config(parameterization: str = "eps", native_mha: bool = False):
+    """The tiny SD2-structured config, with the text tower pointed at the fixture folder."""
+    cfg = OmegaConf.load(FIXTURES / "tiny-v2-inference.yaml")
+    cfg.model.params.cond_stage_config.params.arch = f"local-dir:{FIXTURES / 'tiny-clip'}"
+    if parameterization != "eps":
+        cfg.model.params.parameterization = parameterization
+    if native_mha:
+        cfg.model.params.unet_config.params.use_native_mha = True
+    return cfg
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values, the zero-initialised output layers included,
+    so that comparisons exercise every weight. Buffers (the schedule) are left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.endswith("logit_scale"):
+            p.fill_(math.log(1 / 0.07))
+        elif p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return module
+
+
+def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):
+    return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
+
+
+@pytest.fixture(scope="session", params=["eps", "v"])
+def parameterization(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_eps_model():
+    return tiny_model("eps")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model():
+    return tiny_model("v")
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    """On disk: the tiny config (YAML) and its random checkpoint as safetensors and .ckpt."""
+    folder = tmp_path_factory.mktemp("tiny")
+    config = folder / "tiny-v2-inference.yaml"
+    OmegaConf.save(tiny_config(), config)
+    state = tiny_model("eps").state_dict()
+    save_state_dict(state, folder / "tiny.safetensors")
+    save_state_dict(state, folder / "tiny.ckpt")
+    return {"config": config, "safetensors": folder / "tiny.safetensors", "ckpt": folder / "tiny.ckpt"}
+
+
+@pytest.fixture(scope="session")
+def sd2_keys() -> dict[str, list[int]]:
+    if not SD2_KEYS_FILE.is_file():
+        pytest.skip(f"{SD2_KEYS_FILE} not found (it lives in shared/, beside the checkout)")
+    return json.loads(SD2_KEYS_FILE.read_text())["tensors"]
