@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import open_clip
@@ -11,6 +12,11 @@ from open_clip.model import _build_text_tower
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+# Text-tower configs shipped with this package (e.g. the demo model's) become open_clip names.
+_PACKAGE_CONFIGS = Path(__file__).resolve().parent / "open_clip_configs"
+if any(_PACKAGE_CONFIGS.glob("*.json")):
+    open_clip.add_model_config(_PACKAGE_CONFIGS)
 
 
 def open_clip_model_config(arch: str) -> dict:
@@ -72,8 +78,20 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             p.requires_grad = False
 
     def tokenize(self, text: Sequence[str]) -> torch.Tensor:
-        """Token ids (batch, max_length), truncated to the context length as open_clip does."""
-        return self.tokenizer(list(text), context_length=self.max_length)
+        """Token ids (batch, max_length), truncated to the context length as open_clip does,
+        with a warning naming how many tokens of a too-long prompt were dropped."""
+        text = list(text)
+        encode = getattr(self.tokenizer, "encode", None)
+        if callable(encode):
+            room = self.max_length - 2  # start and end tokens
+            for prompt in dict.fromkeys(text):
+                n = len(encode(prompt))
+                if n > room:
+                    logger.warning(
+                        "prompt is %d tokens long, the text encoder takes %d: the last %d were dropped (%r)",
+                        n, room, n - room, prompt[:60],
+                    )
+        return self.tokenizer(text, context_length=self.max_length)
 
     def forward(self, text: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenize(text).to(self.model.token_embedding.weight.device)
