@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -31,6 +31,21 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
 
 
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+
+
+def _refusal_detail(error: pickle.UnpicklingError) -> str:
+    """The part of torch's (wordy, version-dependent) weights-only refusal naming what was refused."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*?)(?:\.\s|\n|$)", text)
+    if found:
+        return found.group(1)
+    boilerplate = (_WEIGHTS_ONLY_REFUSAL, "Please file an issue", "Check the documentation", "(")
+    lines = [line.strip() for line in text.splitlines()]
+    detail = [line for line in lines if line and not line.startswith(boilerplate)]
+    return detail[0] if detail else lines[0]
+
+
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors: its ``state_dict`` entry, or the flat dict itself."""
     path = Path(path)
@@ -43,16 +58,22 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         try:
             return load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not str(e).startswith(_WEIGHTS_ONLY_REFUSAL):
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
         raise CheckpointError(
             f"{path} was refused: it is not a plain-tensor checkpoint (weights_only=True loading rejects "
-            f"pickles that run code or hold arbitrary objects). Detail: {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+            f"pickles that run code or hold arbitrary objects). Detail: {_refusal_detail(e)}"
+        ) from None
+    except Exception as e:
+        # Arbitrary bytes make the zip reader or the unpickler fail in many ways (KeyError,
+        # IndexError, EOFError, RuntimeError, ...): all mean the same thing to the user.
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -39,7 +39,8 @@ def load_model_from_config(
     dtype: torch.dtype = torch.float32,
     strict: bool = True,
 ) -> nn.Module:
-    """The model of ``config`` with the weights of ``ckpt``, on ``device`` in eval mode.
+    """The model of ``config`` with the weights of ``ckpt``, on ``device`` in eval mode,
+    its modules in ``dtype`` (the noise schedule stays float32).
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it,
     so loading costs about as much as reading the file. Loading is strict: a mismatch raises
@@ -55,5 +56,13 @@ def load_model_from_config(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{ckpt}: these tensors were not filled from the checkpoint: {left[:8]}")
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)
+    # Weights take ``dtype``. The noise schedule (the root's own buffers) is float32 whatever
+    # the file stores, as the original's float32 buffers hold what it loads into them: the
+    # sampler constants derive from it.
+    for child in model.children():
+        child.to(dtype=dtype)
+    for name, buffer in list(model.named_buffers(recurse=False)):
+        if buffer.is_floating_point():
+            setattr(model, name, buffer.float())
     return model.eval()

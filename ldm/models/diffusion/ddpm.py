@@ -26,7 +26,7 @@ _TRAINING_ONLY = {
     "loss_type", "ckpt_path", "ignore_keys", "load_only_unet", "monitor", "log_every_t", "clip_denoised",
     "original_elbo_weight", "v_posterior", "l_simple_weight", "scheduler_config", "use_positional_encodings",
     "learn_logvar", "logvar_init", "make_it_fit", "ucg_training", "reset_ema", "reset_num_ema_updates",
-    "num_timesteps_cond", "concat_mode", "cond_stage_forward", "scale_by_std", "force_null_conditioning",
+    "num_timesteps_cond", "concat_mode", "cond_stage_forward", "force_null_conditioning",
     "cond_stage_trainable", "first_stage_key", "cond_stage_key", "base_learning_rate",
 }
 
@@ -76,6 +76,7 @@ class LatentDiffusion(nn.Module):
         conditioning_key: str | None = "crossattn",
         parameterization: str = "eps",
         scale_factor: float = 1.0,
+        scale_by_std: bool = False,
         use_ema: bool = True,
         **training_options: Any,
     ):
@@ -88,7 +89,11 @@ class LatentDiffusion(nn.Module):
         self.parameterization = parameterization
         self.image_size = image_size
         self.channels = channels
-        self.scale_factor = scale_factor
+        if scale_by_std:
+            # The original keeps a scale estimated from the data as a buffer (a checkpoint key).
+            self.register_buffer("scale_factor", torch.tensor(scale_factor, device="cpu"))
+        else:
+            self.scale_factor = scale_factor
         self.training_options = training_options
         self.cond_stage_trainable = bool(training_options.get("cond_stage_trainable", False))
         self.model = DiffusionWrapper(unet_config, conditioning_key)
@@ -203,7 +208,8 @@ class LatentDiffusion(nn.Module):
         return self.scale_factor * z
 
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+        # Multiplying by the reciprocal, as the original does, rounds exactly as it does.
+        return self.first_stage_model.decode(1.0 / self.scale_factor * z)
 
     @contextlib.contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:

@@ -39,8 +39,15 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
         steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
     else:
         raise NotImplementedError(f"no DDIM discretization method called {method!r}")
-    # The original shifts by one so that the final alpha is that of step 1, not 0.
-    return steps + 1
+    # The original shifts the grid by one ("to get the final alpha values right"): the run
+    # ends at step 1, whose update lands on alphas_cumprod[0].
+    steps = steps + 1
+    if steps[-1] >= num_ddpm_timesteps:
+        raise ValueError(
+            f"{num_ddim_timesteps} {method} steps would reach timestep {steps[-1]}, past the schedule's "
+            f"last ({num_ddpm_timesteps - 1}): use at most {num_ddpm_timesteps // 2} steps"
+        )
+    return steps
 
 
 def make_ddim_sampling_parameters(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: float):

@@ -1,0 +1,242 @@
+"""Checkpoint files (``ldm.checkpoint``): both formats read, bad files give a clear error
+naming the file, a pickle that would run code is refused without running, and a strict
+mismatch explains its most likely cause."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from ldm.checkpoint import CheckpointError, apply_state_dict, load_state_dict, save_state_dict
+
+UNET = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(4, 3), "b": torch.arange(5.0), "step": torch.tensor(7)}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+# -- reading ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["m.safetensors", "m.ckpt", "m.pt"])
+def test_round_trip(tmp_path, state, name):
+    save_state_dict(state, tmp_path / name)
+    assert_same(load_state_dict(tmp_path / name), state)
+
+
+def test_ckpt_with_state_dict_entry_and_training_extras(tmp_path, state):
+    # The layout of the released .ckpt files: the tensors under "state_dict", plus counters.
+    torch.save({"state_dict": state, "global_step": 875000, "epoch": 3}, tmp_path / "m.ckpt")
+    assert_same(load_state_dict(tmp_path / "m.ckpt"), state)
+
+
+def test_flat_ckpt(tmp_path, state):
+    torch.save(state, tmp_path / "flat.ckpt")
+    assert_same(load_state_dict(tmp_path / "flat.ckpt"), state)
+
+
+def test_save_refuses_to_overwrite_and_leaves_no_temp_file(tmp_path, state):
+    path = tmp_path / "m.safetensors"
+    save_state_dict(state, path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        save_state_dict({"other": torch.zeros(1)}, path)
+    assert path.read_bytes() == before
+    save_state_dict({"other": torch.zeros(1)}, path, overwrite=True)
+    assert list(load_state_dict(path)) == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def _truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    out = path.with_name("truncated" + path.suffix)
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def _bad_files(folder: Path, state) -> dict[str, Path]:
+    save_state_dict(state, folder / "good.safetensors")
+    save_state_dict(state, folder / "good.ckpt")
+    text = "this is a README, not a checkpoint\n" * 20
+    files = {
+        "missing": folder / "missing.ckpt",
+        "folder": folder,
+        "text.ckpt": folder / "text.ckpt",
+        "text.safetensors": folder / "text.safetensors",
+        "empty.ckpt": folder / "empty.ckpt",
+        "empty.safetensors": folder / "empty.safetensors",
+        "truncated.safetensors": _truncate(folder / "good.safetensors"),
+        "truncated.ckpt": _truncate(folder / "good.ckpt"),
+        "tensor.ckpt": folder / "tensor.ckpt",
+        "mixed.ckpt": folder / "mixed.ckpt",
+    }
+    files["text.ckpt"].write_text(text)
+    files["text.safetensors"].write_text(text)
+    files["empty.ckpt"].write_bytes(b"")
+    files["empty.safetensors"].write_bytes(b"")
+    torch.save(torch.ones(3), files["tensor.ckpt"])
+    torch.save({"w": torch.ones(3), "note": "hello"}, files["mixed.ckpt"])
+    return files
+
+
+BAD = ["missing", "folder", "text.ckpt", "text.safetensors", "empty.ckpt", "empty.safetensors",
+       "truncated.safetensors", "truncated.ckpt", "tensor.ckpt", "mixed.ckpt"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_file_gives_a_clear_error_naming_it(tmp_path, state, kind):
+    path = _bad_files(tmp_path, state)[kind]
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "Traceback" not in message and len(message.splitlines()) <= 3
+    # The low-level error does not leak as the cause of the traceback users see.
+    assert err.value.__cause__ is None
+
+
+class _RunsCode:
+    """Unpickling this would run a shell command creating ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, layout):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.ckpt"
+    if layout == "zip":
+        torch.save({"state_dict": {"w": torch.zeros(1), "evil": _RunsCode(marker)}}, path)
+    else:  # a bare pickle, as torch.save wrote before 1.6
+        path.write_bytes(pickle.dumps({"state_dict": {"evil": _RunsCode(marker)}}, protocol=2))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused") as err:
+        load_state_dict(path)
+    assert str(path) in str(err.value) and "system" in str(err.value)
+    assert not marker.exists()
+
+
+# -- strict application ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_state(tiny_eps_model) -> dict[str, torch.Tensor]:
+    return tiny_eps_model.state_dict()
+
+
+@pytest.fixture()
+def fresh_model():
+    return tiny_model("eps", seed=1)
+
+
+def test_apply_state_dict_copies_the_weights(fresh_model, tiny_state):
+    apply_state_dict(fresh_model, tiny_state)
+    assert_same(fresh_model.state_dict(), tiny_state)
+
+
+def test_missing_and_unexpected_keys_are_listed_with_counts(fresh_model, tiny_state):
+    state = dict(tiny_state)
+    dropped = [k for k in state if k.startswith(UNET + "output_blocks.")]
+    for k in dropped:
+        del state[k]
+    state["some.stray.tensor"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(fresh_model, state)
+    message = str(err.value)
+    assert f"missing keys {len(dropped)}:" in message and "more)" in message
+    assert sorted(dropped)[0] in message
+    assert "unexpected keys 1: some.stray.tensor" in message
+
+
+def test_non_strict_tolerates_missing_keys_but_not_shapes(fresh_model, tiny_state):
+    state = {k: v for k, v in tiny_state.items() if not k.startswith("cond_stage_model.")}
+    apply_state_dict(fresh_model, state, strict=False)
+    state[UNET + "out.2.bias"] = torch.zeros(5)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        apply_state_dict(fresh_model, state, strict=False)
+
+
+def test_native_mha_checkpoint_against_original_config_points_to_converter(fresh_model):
+    native_state = tiny_model("eps", native_mha=True).state_dict()
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(fresh_model, native_state)
+    message = str(err.value)
+    assert "native-MHA" in message and "tools/convert_native_mha.py" in message
+    assert "in_proj_weight" in message
+
+
+def test_original_checkpoint_against_native_config_points_to_converter(tiny_state):
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(tiny_model("eps", native_mha=True), tiny_state)
+    assert "tools/convert_native_mha.py" in str(err.value) and "use_native_mha" in str(err.value)
+
+
+def _sd1_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tiny state rewritten the way an SD 1.x checkpoint differs: a CLIP ViT-L
+    (transformers) text encoder and 768-wide cross-attention keys and values."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("cond_stage_model.model."):
+            continue
+        if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            v = torch.zeros(v.shape[0], 768)
+        out[k] = v
+    out["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(49408, 8)
+    out["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.zeros(8)
+    return out
+
+
+def test_sd1_checkpoint_is_recognised(fresh_model, tiny_state):
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(fresh_model, _sd1_like(tiny_state))
+    message = str(err.value)
+    assert "Stable Diffusion 1" in message and "768" in message
+    assert "cond_stage_model.transformer.text_model" in message
+
+
+def test_sd1_cross_attention_width_alone_is_recognised(fresh_model, tiny_state):
+    state = {k: v for k, v in _sd1_like(tiny_state).items() if not k.startswith("cond_stage_model.")}
+    state.update({k: v for k, v in tiny_state.items() if k.startswith("cond_stage_model.")})
+    with pytest.raises(CheckpointError, match="Stable Diffusion 1"):
+        apply_state_dict(fresh_model, state)
+
+
+@pytest.mark.parametrize("channels, kind", [(9, "inpainting"), (5, "depth")])
+def test_extra_input_channels_are_recognised(fresh_model, tiny_state, channels, kind):
+    state = dict(tiny_state)
+    w = state[UNET + "input_blocks.0.0.weight"]
+    state[UNET + "input_blocks.0.0.weight"] = torch.zeros(w.shape[0], channels, *w.shape[2:])
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(fresh_model, state)
+    message = str(err.value)
+    assert kind in message and f"checkpoint ({w.shape[0]}, {channels}, 3, 3)" in message
+
+
+def test_depth_checkpoint_is_recognised(fresh_model, tiny_state):
+    state = {**tiny_state, "depth_model.model.pretrained.layer1.0.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="depth"):
+        apply_state_dict(fresh_model, state)
+
+
+def test_model_ema_entries_are_ignored_with_a_log_line(fresh_model, tiny_state, caplog):
+    state = dict(tiny_state)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.num_updates"] = torch.tensor(10, dtype=torch.int)
+    state["model_ema.diffusion_modelout2bias"] = torch.zeros(4)
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoint"):
+        apply_state_dict(fresh_model, state)
+    assert any("3 model_ema.* tensors" in r.getMessage() for r in caplog.records)
+    assert_same(fresh_model.state_dict(), tiny_state)

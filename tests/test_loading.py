@@ -1,0 +1,118 @@
+"""Model construction on the meta device and loading from files (``ldm.loading``).
+
+The official configs must build this package and hold exactly the tensors of a real SD2
+checkpoint; loading the tiny checkpoint must reproduce the model that wrote it, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CONFIGS, tiny_config
+from ldm.checkpoint import CheckpointError, apply_state_dict, save_state_dict
+from ldm.loading import build_model, load_config, load_model_from_config
+
+OFFICIAL = ["v2-inference.yaml", "v2-inference-v.yaml"]
+
+
+@pytest.fixture(scope="module", params=OFFICIAL)
+def official_meta_model(request):
+    return request.param, build_model(CONFIGS / request.param, "meta")
+
+
+def test_official_config_holds_exactly_the_sd2_tensors(official_meta_model, sd2_keys):
+    name, model = official_meta_model
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(own.keys() - sd2_keys.keys()) == [], f"{name}: tensors a real checkpoint lacks"
+    assert sorted(sd2_keys.keys() - own.keys()) == [], f"{name}: checkpoint tensors the model lacks"
+    wrong = {k: (own[k], sd2_keys[k]) for k in own if own[k] != sd2_keys[k]}
+    assert wrong == {}, f"{name}: shapes differ (model, checkpoint)"
+
+
+def test_official_config_parameterization(official_meta_model):
+    name, model = official_meta_model
+    assert model.parameterization == ("v" if name.endswith("-v.yaml") else "eps")
+    assert model.scale_factor == 0.18215 and model.num_timesteps == 1000
+
+
+def test_meta_build_allocates_no_weights(official_meta_model):
+    _, model = official_meta_model
+    assert all(p.is_meta for p in model.parameters())
+    # Only the schedule (and the text tower's causal mask) is real: it is not in a
+    # checkpoint's parameters, or is recomputed, and is tiny.
+    real = [n for n, b in model.named_buffers() if not b.is_meta]
+    assert sum(model.get_buffer(n).numel() for n in real) < 20_000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sd2_layout_state_dict_loads_strictly_into_meta_model(dtype, sd2_keys):
+    model = build_model(CONFIGS / "v2-inference.yaml", "meta")
+    state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in sd2_keys.items()}
+    apply_state_dict(model, state, strict=True, assign=True)
+    # assign=True adopts the given tensors (their dtype included) instead of copying into the meta ones.
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_sd2_layout_with_one_wrong_shape_is_refused(sd2_keys):
+    model = build_model(CONFIGS / "v2-inference.yaml", "meta")
+    state = {k: torch.empty(shape, device="meta") for k, shape in sd2_keys.items()}
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    state[key] = torch.empty(320, 768, device="meta")
+    with pytest.raises(CheckpointError, match="shape mismatches") as err:
+        apply_state_dict(model, state, assign=True)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_load_model_from_config_reproduces_the_saved_model(fmt, tiny_files, tiny_eps_model):
+    model = load_model_from_config(tiny_files["config"], tiny_files[fmt])
+    assert not model.training
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert meta == []
+    ref_state = tiny_eps_model.state_dict()
+    state = model.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert all(torch.equal(state[k], ref_state[k]) for k in state)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        c = model.get_learned_conditioning(["a red cube", ""])
+        assert torch.equal(c, tiny_eps_model.get_learned_conditioning(["a red cube", ""]))
+        assert torch.equal(model.apply_model(x, t, c), tiny_eps_model.apply_model(x, t, c))
+        assert torch.equal(model.decode_first_stage(x[:1]), tiny_eps_model.decode_first_stage(x[:1]))
+
+
+def test_load_model_from_config_half_keeps_the_schedule_in_float32(tiny_files, tiny_eps_model):
+    model = load_model_from_config(tiny_files["config"], tiny_files["safetensors"], dtype=torch.float16)
+    assert model.model.diffusion_model.out[2].weight.dtype == torch.float16
+    assert model.first_stage_model.decoder.conv_out.weight.dtype == torch.float16
+    # The sampler constants derive from the schedule: rounding it to fp16 would change every image.
+    assert model.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(model.alphas_cumprod, tiny_eps_model.alphas_cumprod)
+
+
+def test_half_checkpoint_loads_into_a_float32_model_with_a_float32_schedule(tiny_files, tiny_eps_model, tmp_path):
+    """Community fp16 files store the schedule in fp16 too: like the original (which copies
+    into float32 buffers) we keep float32 tensors holding the file's values."""
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tiny_eps_model.state_dict().items()}
+    save_state_dict(half, tmp_path / "half.safetensors")
+    model = load_model_from_config(tiny_files["config"], tmp_path / "half.safetensors")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(model.alphas_cumprod, half["alphas_cumprod"].float())
+
+
+def test_load_model_from_config_names_the_file_on_mismatch(tiny_files, tmp_path):
+    cfg = tiny_config()
+    cfg.model.params.unet_config.params.in_channels = 9
+    with pytest.raises(CheckpointError, match="tiny.safetensors") as err:
+        load_model_from_config(cfg, tiny_files["safetensors"])
+    assert "input_blocks.0.0.weight" in str(err.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
