@@ -84,3 +84,34 @@ def sd2_keys() -> dict[str, list[int]]:
     if not SD2_KEYS_FILE.is_file():
         pytest.skip(f"{SD2_KEYS_FILE} not found (it lives in shared/, beside the checkout)")
     return json.loads(SD2_KEYS_FILE.read_text())["tensors"]
+
+
+@pytest.fixture(scope="session")
+def diffusers_unet(tiny_eps_model):
+    """diffusers' UNet2DConditionModel holding the tiny model's UNet weights (eps and v
+    tiny models share them), converted by diffusers' own single-file converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    original_config = OmegaConf.to_container(tiny_config(), resolve=True)
+    state = tiny_eps_model.state_dict()
+    config = create_unet_diffusers_config_from_ldm(original_config, state)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, config), strict=True)
+    return unet.eval()
+
+
+@pytest.fixture(scope="session")
+def guidance_inputs(tiny_eps_model) -> dict[str, torch.Tensor]:
+    """A sampler run's inputs for the tiny model: x_T (batch 2, 4x8x8 latents) and the
+    conditional and unconditional ("") text contexts."""
+    with torch.no_grad():
+        c = tiny_eps_model.get_learned_conditioning(["a red cube on a wooden table", "a lighthouse at dusk"])
+        uc = tiny_eps_model.get_learned_conditioning(["", ""])
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1234))
+    return {"x_T": x_T, "c": c, "uc": uc}
+
+
+# The tiny models' tensors are far too small to gain from intra-op threads, and threads
+# waiting on each other on a busy shared CPU make a sampling run 10-20 times slower.
+torch.set_num_threads(1)

@@ -105,6 +105,18 @@ class LatentDiffusion(nn.Module):
         for p in self.first_stage_model.parameters():
             p.requires_grad = False
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if training_options.get("ckpt_path"):
+            self.init_from_ckpt(training_options["ckpt_path"], training_options.get("ignore_keys", ()))
+
+    def init_from_ckpt(self, path: str, ignore_keys=()) -> None:
+        """Start from a checkpoint (the original's ``ckpt_path``), strictly but for ``ignore_keys`` prefixes."""
+        from ldm.checkpoint import apply_state_dict, load_state_dict
+
+        state = {k: v for k, v in load_state_dict(path).items() if not k.startswith(tuple(ignore_keys))}
+        own = self.state_dict()
+        state.update({k: own[k] for k in own if k.startswith(tuple(ignore_keys)) and k not in state})
+        apply_state_dict(self, state)
+        logger.info("initialised from %s", path)
 
     def register_schedule(
         self,

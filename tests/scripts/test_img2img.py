@@ -1,0 +1,143 @@
+"""scripts/img2img.py as a user runs it, on the tiny SD2-structured model: the init image's
+size handling, files, metadata, seeds, pixel equality with the original img2img loop (DDIM
+stochastic_encode to int(strength * steps), then decode), and its bad inputs.
+Flags shared with txt2img are tested in test_txt2img.py (same code, ldm/generation.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from ldm import generation as gen
+from ldm.loading import load_model_from_config
+from ldm.models.diffusion.ddim import DDIMSampler
+
+SCRIPT = ROOT / "scripts" / "img2img.py"
+FAST = ["--steps", "4", "--strength", "0.5", "--n_samples", "2", "--n_iter", "1", "--precision", "full"]
+
+
+def img2img(tiny_files, init: Path, outdir: Path, *flags: str) -> int:
+    model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"])]
+    return gen.main([*model, "--init-img", str(init), "--outdir", str(outdir), *FAST, *flags], "img2img")
+
+
+def samples(outdir: Path) -> list[np.ndarray]:
+    arrays = []
+    for path in sorted((outdir / "samples").glob("*.png")):
+        with Image.open(path) as image:
+            arrays.append(np.asarray(image.convert("RGB")))
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_files, tmp_path_factory) -> dict[str, Path]:
+    """An 80x70 init image (cut to 80x64: the tiny model needs multiples of 16) and three runs of
+    two iterations: with --skip_first and a time file, plain, and with --fixed_code."""
+    root = tmp_path_factory.mktemp("img2img")
+    init = root / "init.png"
+    Image.fromarray((np.random.RandomState(0).rand(70, 80, 3) * 255).astype(np.uint8)).save(init)
+    assert img2img(tiny_files, init, root / "timed", "--n_iter", "2", "--skip_first", "--time_file", str(root / "time.txt")) == 0
+    assert img2img(tiny_files, init, root / "plain", "--n_iter", "2") == 0
+    assert img2img(tiny_files, init, root / "fixed", "--n_iter", "2", "--fixed_code") == 0
+    return {"root": root, "init": init, "timed": root / "timed", "plain": root / "plain", "fixed": root / "fixed"}
+
+
+def test_files_sizes_and_metadata(runs):
+    timed = runs["timed"]
+    assert [p.name for p in sorted((timed / "samples").iterdir())] == [f"{i:05}.png" for i in range(4)]
+    assert [p.name for p in timed.glob("grid-*.png")] == ["grid-0000.png"]
+    assert float((runs["root"] / "time.txt").read_text()) > 0
+    with Image.open(timed / "samples" / "00003.png") as image:
+        assert image.size == (80, 64)
+        text = dict(image.text)
+    expected = {"prompt": gen.DEFAULT_PROMPTS["img2img"], "negative_prompt": "", "init_image": "init.png", "strength": "0.5",
+                "sampler": "ddim", "steps": "4", "seed": "42", "size": "80x64", "iteration": "1", "batch_index": "1"}  # fmt: skip
+    assert {k: text[k] for k in expected} == expected
+
+
+def test_same_seed_same_pixels_with_and_without_warm_up_and_fixed_code(runs):
+    timed, plain, fixed = (samples(runs[k]) for k in ("timed", "plain", "fixed"))
+    for a, b in zip(timed, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(plain[0], plain[2])  # iterations draw new encoding noise...
+    np.testing.assert_array_equal(fixed[0], fixed[2])  # ...unless --fixed_code
+    np.testing.assert_array_equal(fixed[1], fixed[3])
+    np.testing.assert_array_equal(fixed[0], plain[0])
+
+
+def test_pixels_match_the_original_img2img_loop(runs, tiny_files):
+    """The original img2img's steps: encode the init image repeated to the batch, sample its
+    posterior, then per iteration stochastic_encode to t_enc and DDIM-decode, with guidance."""
+    model = load_model_from_config(tiny_files["config"], tiny_files["safetensors"], "cpu")
+    sampler = DDIMSampler(model, device=torch.device("cpu"))
+    gen.seed_everything(42)
+    expected = []
+    with torch.no_grad(), model.ema_scope():
+        init = gen.load_init_image(str(runs["init"]), 16).repeat(2, 1, 1, 1)
+        init_latent = model.get_first_stage_encoding(model.encode_first_stage(init))
+        sampler.make_schedule(ddim_num_steps=4, ddim_eta=0.0, verbose=False)
+        t_enc = int(0.5 * 4)
+        for _ in range(2):
+            uc = model.get_learned_conditioning(2 * [""])
+            c = model.get_learned_conditioning(2 * [gen.DEFAULT_PROMPTS["img2img"]])
+            z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc] * 2))
+            z = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=9.0, unconditional_conditioning=uc)
+            x = torch.clamp((model.decode_first_stage(z) + 1.0) / 2.0, min=0.0, max=1.0)
+            expected += [(255.0 * s.cpu().numpy().transpose(1, 2, 0)).astype(np.uint8) for s in x]
+    got = samples(runs["plain"])
+    # The script encodes the image once for the batch (the original encodes b equal copies):
+    # the same latents up to float rounding, so a pixel may differ by one level.
+    for a, b in zip(got, expected, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        assert (a != b).mean() < 0.01
+
+
+def test_full_strength_noises_to_the_last_step(tiny_files, runs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ldm")
+    assert img2img(tiny_files, runs["init"], tmp_path, "--strength", "1.0", "--n_samples", "1") == 0
+    assert "noised by 3 of 4 steps" in caplog.text
+    assert len(samples(tmp_path)) == 1
+
+
+BAD_INPUTS = {
+    "missing": (["--init-img", "{tmp}/absent.png"], 1, "--init-img {tmp}/absent.png: no such file"),
+    "unreadable": (["--init-img", "{text}"], 1, "cannot be read as an image"),
+    "too_small": (["--init-img", "{small}"], 1, "8x8 is too small, sides must be at least 16 pixels"),
+    "strength": (["--strength", "1.5"], 2, "argument --strength: must be in [0.0, 1.0], got 1.5"),
+    "no_plms": (["--plms"], 2, "unrecognized arguments: --plms"),
+    "steps": (["--ddim_steps", "0"], 2, "must be at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_explained_and_writes_nothing(tiny_files, tmp_path, capsys, case):
+    files = {"tmp": tmp_path, "text": tmp_path / "notes.png", "small": tmp_path / "small.png"}
+    files["text"].write_text("not an image")
+    Image.new("RGB", (8, 8)).save(files["small"])
+    flags, status, message = BAD_INPUTS[case]
+    out = tmp_path / "run"
+    assert img2img(tiny_files, tmp_path / "x.png", out, *(f.format(**files) for f in flags)) == status
+    err = capsys.readouterr().err
+    assert "img2img.py: error: " in err and message.format(**files) in err, err
+    assert not out.exists()
+
+
+def test_cli_run(tiny_files, runs, tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["ckpt"]),
+           "--init-img", str(runs["init"]), *FAST, "--outdir", "out"]  # fmt: skip
+    # One thread, as the in-process runs (tests/conftest.py): thread counts change float rounding.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "init image 80x70 resized to 80x64" in result.stderr and "Traceback" not in result.stderr
+    assert "2 images in out/samples (00000.png to 00001.png), grid out/grid-0000.png;" in result.stdout
+    np.testing.assert_array_equal(samples(tmp_path / "out")[0], samples(runs["plain"])[0])
