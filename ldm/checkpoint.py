@@ -11,12 +11,13 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from ldm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -81,38 +82,23 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     return dict(obj)
 
 
-def _atomic_target(path: Path, overwrite: bool) -> Path:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite/--force to replace it)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    return path
-
-
 def save_state_dict(
     state: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write tensors atomically (temporary file in the same folder, then rename).
-
-    The format follows the extension: ``.safetensors``, anything else a ``torch.save`` pickle.
+    """Write tensors atomically (see :func:`ldm.fileio.atomic_path`); never over an existing
+    file unless ``overwrite``. The format follows the extension: ``.safetensors``, anything
+    else a ``torch.save`` pickle with a ``state_dict`` entry.
     """
-    path = _atomic_target(Path(path), overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if _is_safetensors(path):
+    with atomic_path(path, overwrite) as tmp:
+        if _is_safetensors(Path(path)):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=dict(metadata or {}))
         else:
             torch.save({"state_dict": dict(state)}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _preview(keys: Iterable[str], limit: int = 8) -> str:

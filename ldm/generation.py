@@ -19,7 +19,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm, trange
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.checkpoint import CheckpointError
+from ldm.fileio import atomic_path, write_text
 from ldm.loading import build_model, load_model_from_config
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.attention import IMPLEMENTATIONS, check_implementation, sdpa_backends, set_attention_implementation
@@ -491,36 +491,6 @@ class Watermarker:
         return np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1])
 
 
-def write_new_file(path: Path, write: Callable[[Any], None]) -> None:
-    """Write atomically (temporary file, then a hard link to ``path``); FileExistsError, not an
-    overwrite, when ``path`` exists, even if another process created it meanwhile."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError:  # file systems without hard links
-            if path.exists():
-                raise FileExistsError(path) from None
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_text_file(path: Path, text: str) -> None:
-    """Replace ``path`` atomically: the result files the user named (--time_file, --stats_file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def next_number(folder: Path, pattern: re.Pattern) -> int:
     """One more than the highest number of the files of ``pattern`` in ``folder``."""
     numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
@@ -556,7 +526,8 @@ class ImageWriter:
             path = folder / name.format(self._next[folder])
             self._next[folder] += 1
             try:
-                write_new_file(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG", pnginfo=info)
                 return path
             except FileExistsError:  # written by another run meanwhile: take the next number
                 continue
@@ -771,7 +742,7 @@ def device_name(device: torch.device) -> str:
 def write_results(job: Job, timing: Timing) -> None:
     args = job.args
     if args.time_file:
-        write_text_file(Path(args.time_file), f"{timing.seconds:.6f}\n")
+        write_text(args.time_file, f"{timing.seconds:.6f}\n", overwrite=True)
     if args.stats_file:
         stats = {
             "seconds": timing.seconds,
@@ -794,7 +765,7 @@ def write_results(job: Job, timing: Timing) -> None:
             "compile": (args.compile_mode or "default") if args.compile else False,
             "vae_slice_size": vae_slice_size(args, job.height, job.width),
         }
-        write_text_file(Path(args.stats_file), json.dumps(stats, indent=2) + "\n")
+        write_text(args.stats_file, json.dumps(stats, indent=2) + "\n", overwrite=True)
 
 
 def run(args: argparse.Namespace, kind: str) -> None:

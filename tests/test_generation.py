@@ -123,16 +123,6 @@ def test_init_image_is_cut_to_the_multiple_and_scaled(tmp_path):
         gen.load_init_image(str(path), 128)
 
 
-def test_write_new_file_never_overwrites(tmp_path):
-    path = tmp_path / "00000.png"
-    gen.write_new_file(path, lambda f: f.write(b"first"))
-    with pytest.raises(FileExistsError):
-        gen.write_new_file(path, lambda f: f.write(b"second"))
-    with pytest.raises(ZeroDivisionError):
-        gen.write_new_file(tmp_path / "broken.png", lambda f: 1 / 0)
-    assert path.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]
-
-
 def test_next_number_follows_what_is_there(tmp_path):
     assert gen.next_number(tmp_path, gen.SAMPLE_NAME) == 0
     for name in ("00003.png", "00010.png", "grid-0004.png", "notes.txt", ".00011.png.x.tmp"):

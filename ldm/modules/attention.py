@@ -3,14 +3,18 @@
 Two weight layouts exist, chosen by ``use_native_mha`` in the UNet config:
 
 * original layout (``to_q``/``to_k``/``to_v``/``to_out.0``): :class:`CrossAttention`, whose
-  kernel is a run-time choice among :data:`IMPLEMENTATIONS` (see :func:`set_attention_implementation`);
+  kernel is a run-time choice among :data:`IMPLEMENTATIONS` (see :func:`set_attention_implementation`;
+  the default, ``sdpa``, can be changed with the ``LDM_ATTENTION`` environment variable);
 * native layout: :class:`NativeMHAttention`, a ``torch.nn.MultiheadAttention``. Self-attention
   holds one packed ``in_proj_weight`` [3C, C]; cross-attention (keys and values from the
   text context, whose width differs from C) holds ``q_proj_weight`` [C, C],
   ``k_proj_weight`` and ``v_proj_weight`` [C, context_dim]. Both hold ``in_proj_bias`` [3C],
   which the original layout lacks: it is zero after conversion, and
   ``tools/convert_native_mha.py --reverse`` refuses to drop a non-zero one.
-  ``out_proj.weight``/``out_proj.bias`` are ``to_out.0.weight``/``to_out.0.bias``.
+  ``out_proj.weight``/``out_proj.bias`` are ``to_out.0.weight``/``to_out.0.bias``
+  (conversion: :mod:`ldm.native_mha`).
+
+:func:`sdpa_backends` restricts the SDPA kernels for a run. User documentation: docs/attention.md.
 """
 
 from __future__ import annotations
@@ -69,14 +73,17 @@ def _vanilla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> t
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """PyTorch's fused attention; the (batch, heads, tokens, dim) views keep the last dim
+    contiguous, which the flash and memory-efficient kernels require."""
     b, n, inner = q.shape
     d = inner // heads
-    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """xFormers' memory-efficient attention on (batch, tokens, heads, dim)."""
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).contiguous() for t in (q, k, v))
@@ -114,7 +121,11 @@ class CrossAttention(nn.Module):
 class NativeMHAttention(nn.MultiheadAttention):
     """The same attention as :class:`CrossAttention` through ``nn.MultiheadAttention``.
 
-    ``need_weights=False`` keeps PyTorch on its fused scaled-dot-product path.
+    Batch-first, with ``need_weights=False`` so that PyTorch runs ``scaled_dot_product_attention``
+    rather than materialising the attention weights. For self-attention on CUDA that is
+    ``nn.MultiheadAttention``'s fused fast path (packed projection, then SDPA); on other devices
+    that fast path computes the full score matrix, so there the query is passed as a separate
+    view to take the general path, which also ends in SDPA.
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
@@ -125,7 +136,10 @@ class NativeMHAttention(nn.MultiheadAttention):
         super().__init__(query_dim, heads, bias=True, kdim=context_dim, vdim=context_dim, batch_first=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+        if context is None:
+            context = x
+            if not x.is_cuda:
+                x = x.view_as(x)  # query is not key: the SDPA path, not the CPU fast path
         return super().forward(x, context, context, need_weights=False)[0]
 
 

@@ -73,7 +73,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, c, height, width = x.shape
-        q, k, v = (conv(h).reshape(b, 1, c, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        # Contiguous (b, 1, tokens, c): the fused SDPA kernels need the last dim contiguous, else math runs.
+        q, k, v = (conv(h).reshape(b, 1, c, height * width).transpose(2, 3).contiguous() for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(b, c, height, width)
         return x + self.proj_out(h)
