@@ -253,7 +253,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # Back to a contiguous NCHW map: the bare view would be channels-last, and that layout
+        # would spread through the UNet, making every convolution re-layout its weights.
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
