@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Stable Diffusion 2 / 2.1, faithful to the original ldm code and fast on PyTorch 2",
     packages=find_packages(include=["ldm", "ldm.*"]),
-    package_data={"ldm": ["demo/*"]},
+    package_data={"ldm": ["demo/*", "modules/encoders/open_clip_configs/*.json"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.3",

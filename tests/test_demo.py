@@ -1,0 +1,94 @@
+"""The shipped demo model draws what it is asked: the named colour dominates the shape's
+pixels, and the shape's fill ratio of its bounding box (circle pi/4, square 1, triangle 1/2)
+tells circles, squares and triangles apart. Also: the file loads strictly, offline, and
+stays within its size budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from ldm.loading import load_model_from_config
+from ldm.models.diffusion.ddim import DDIMSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo" / "shapes-demo.yaml"
+WEIGHTS = ROOT / "ldm" / "demo" / "shapes-demo.safetensors"
+PROMPTS = {"a red circle": ("red", "circle"), "a green square": ("green", "square"), "a blue triangle": ("blue", "triangle")}
+SEEDS = (0, 1, 2)
+STEPS, SCALE = 20, 4.0
+
+
+def shape_mask(image: np.ndarray) -> np.ndarray:
+    """Non-background pixels: the background is white, every shape colour has a dark channel."""
+    return image.min(-1) < 150
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    ys, xs = np.nonzero(mask)
+    return float(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model_from_config(CONFIG, WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def images(model) -> dict[str, np.ndarray]:
+    """Each prompt drawn from the same seeded starting latents, as uint8 (N, H, W, 3)."""
+    prompts = [p for p in PROMPTS for _ in SEEDS]
+    shape = (model.channels, model.image_size, model.image_size)
+    x_T = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in SEEDS] * len(PROMPTS))
+    with torch.no_grad():
+        c = model.get_learned_conditioning(prompts)
+        uc = model.get_learned_conditioning([""] * len(prompts))
+        z, _ = DDIMSampler(model).sample(S=STEPS, batch_size=len(prompts), shape=shape, conditioning=c, x_T=x_T,
+                                         unconditional_guidance_scale=SCALE, unconditional_conditioning=uc,
+                                         eta=0.0, verbose=False)
+        x = model.decode_first_stage(z)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return {p: x[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(PROMPTS)}
+
+
+def test_weights_fit_the_budget_and_load_strictly(model):
+    assert WEIGHTS.stat().st_size <= 25 * 1024 * 1024
+    assert not model.use_ema
+    assert model.image_size * model.first_stage_model.downsampling_factor == 32
+
+
+def test_weights_were_trained_with_the_inference_configs_scale_factor():
+    with safe_open(WEIGHTS, "pt") as f:
+        trained = OmegaConf.create(f.metadata()["config"])
+    assert trained.params.ldm_config.params.scale_factor == OmegaConf.load(CONFIG).model.params.scale_factor
+
+
+def test_prompts_give_different_images(images):
+    a, b = images["a red circle"].astype(int), images["a blue triangle"].astype(int)
+    assert np.abs(a - b).mean() > 20
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_the_named_colour_dominates_the_shape(images, prompt):
+    colour = PROMPTS[prompt][0]
+    channel = ["red", "green", "blue"].index(colour)
+    for image in images[prompt]:
+        mask = shape_mask(image.astype(int))
+        assert mask.sum() > 20, f"{prompt}: no shape drawn"
+        rgb = image[mask].astype(float).mean(0)
+        others = np.delete(rgb, channel)
+        assert rgb[channel] > others.max() + 30, f"{prompt}: mean shape colour {rgb.round()}"
+
+
+def test_the_fill_ratio_tells_the_shapes_apart(images):
+    fill = {PROMPTS[p][1]: [fill_ratio(shape_mask(im.astype(int))) for im in images[p]] for p in PROMPTS}
+    report = json.dumps({k: [round(v, 2) for v in vs] for k, vs in fill.items()})
+    assert min(fill["square"]) > max(fill["circle"]) > 0 and min(fill["circle"]) > max(fill["triangle"]), report
+    assert np.median(fill["square"]) > 0.85 and np.median(fill["triangle"]) < 0.65, report
+    assert 0.65 < np.median(fill["circle"]) < 0.9, report
