@@ -13,10 +13,11 @@ import io
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from ldm.fileio import write_bytes
 
 STATUSES = ("ok", "failed", "oom", "timeout", "skipped")
 """What became of a run: timed, crashed, out of memory, killed after the time limit, not run."""
@@ -134,27 +135,14 @@ def make_record(run: PlannedRun, status: str, **values: Any) -> dict[str, Any]:
     return {k: record[k] for k in FIELDS}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_records(records: Sequence[Mapping[str, Any]], json_path: Path, csv_path: Path, meta: Mapping[str, Any]) -> None:
     """The raw data twice: JSON (with the benchmark's settings) and CSV (one row per run)."""
-    atomic_write_bytes(json_path, json.dumps({"meta": dict(meta), "runs": list(records)}, indent=1).encode())
+    write_bytes(json_path, overwrite=True, data=json.dumps({"meta": dict(meta), "runs": list(records)}, indent=1).encode())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
-    atomic_write_bytes(csv_path, buf.getvalue().encode())
+    write_bytes(csv_path, overwrite=True, data=buf.getvalue().encode())
 
 
 @dataclass
@@ -364,4 +352,4 @@ def plot_batch(
         fig.savefig(buf, format="png", dpi=120)
     finally:
         plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, overwrite=True, data=buf.getvalue())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from ldm.checkpoint import load_state_dict  # noqa: F401  (public re-export)
+from ldm.checkpoint import load_state_dict
+
+__all__ = ["get_obj_from_str", "instantiate_from_config", "load_state_dict"]
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ldm import benchmarking as bm
+from ldm.fileio import write_bytes
 from ldm.loading import load_config
 
 logger = logging.getLogger("benchmark")
@@ -177,7 +178,7 @@ def native_mha_files(config_path: Path, ckpt: Path, outdir: Path) -> tuple[Path,
 
     config = load_config(config_path)
     config.model.params.unet_config.params.use_native_mha = True
-    bm.atomic_write_bytes(outdir / NATIVE_CONFIG, OmegaConf.to_yaml(config).encode())
+    write_bytes(outdir / NATIVE_CONFIG, overwrite=True, data=OmegaConf.to_yaml(config).encode())
     logger.info("converting %s to the native-MHA layout -> %s", ckpt, outdir / NATIVE_WEIGHTS)
     convert_checkpoint(ckpt, outdir / NATIVE_WEIGHTS, NATIVE, overwrite=True, progress=False)
     return outdir / NATIVE_CONFIG, outdir / NATIVE_WEIGHTS
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = describe(args, records, commit)
     summary = bm.markdown_summary(records, args.selected, args.batch_sizes, meta)
-    bm.atomic_write_bytes(args.outdir / "summary.md", summary.encode())
+    write_bytes(args.outdir / "summary.md", overwrite=True, data=summary.encode())
     cells = bm.summarise(records)
     for b in args.batch_sizes:
         title = f"{meta['title']}, batch {b}\n{meta['device']}, torch {meta['torch']}, {meta['commit']}"

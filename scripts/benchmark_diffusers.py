@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
-from ldm.benchmarking import atomic_write_bytes
+from ldm.fileio import write_text
 from ldm.checkpoint import load_state_dict
 from ldm.loading import load_config
 from ldm.modules.encoders.modules import open_clip_model_config
@@ -281,9 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         "compile": (args.compile_mode or "default") if args.compile else False,
     }
     if args.time_file:
-        atomic_write_bytes(args.time_file, f"{seconds:.6f}\n".encode())
+        write_text(args.time_file, f"{seconds:.6f}\n", overwrite=True)
     if args.stats_file:
-        atomic_write_bytes(args.stats_file, (json.dumps(stats, indent=2) + "\n").encode())
+        write_text(args.stats_file, json.dumps(stats, indent=2) + "\n", overwrite=True)
     print(f"{images} images in {samples}; {seconds:.3f} s, {seconds / images:.3f} s/image")
 
 

@@ -48,6 +48,11 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ||a - b|| / ||b||: the measure every numerical comparison uses."""
+    return ((a - b).norm() / b.norm()).item()
+
+
 def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):
     return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
 
@@ -55,6 +60,12 @@ def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: in
 @pytest.fixture(scope="session", params=["eps", "v"])
 def parameterization(request) -> str:
     return request.param
+
+
+@pytest.fixture()
+def model(parameterization, tiny_eps_model, tiny_v_model):
+    """The tiny model of the current ``parameterization`` (eps, then v)."""
+    return tiny_eps_model if parameterization == "eps" else tiny_v_model
 
 
 @pytest.fixture(scope="session")

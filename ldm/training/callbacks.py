@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+
+from ldm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,8 @@ class AtomicCheckpoint(pl.Callback):
         if trainer.global_step == self._last_saved_step:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".ckpt.tmp", dir=self.dirpath)
-        os.close(fd)
-        try:
+        with atomic_path(self.last_path, overwrite=True) as tmp:
             trainer.save_checkpoint(tmp)
-            os.replace(tmp, self.last_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self._last_saved_step = trainer.global_step
         logger.info("step %d: checkpoint written to %s", trainer.global_step, self.last_path)
 

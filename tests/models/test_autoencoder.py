@@ -12,13 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import tiny_config
+from conftest import rel_err, tiny_config
 
 RTOL = 1e-4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,12 @@ before DDIM's contraction. Observed: ~1e-6.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from conftest import rel_err
 
 SCALE, STEPS = 9.0, 10
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture()
-def model(parameterization, tiny_eps_model, tiny_v_model):
-    return tiny_eps_model if parameterization == "eps" else tiny_v_model
 
 
 def sd2_ddim_scheduler(parameterization: str):

@@ -19,17 +19,9 @@ import pytest
 import torch
 
 from ldm.models.diffusion.dpm_solver import DiscreteVPSchedule, DPMSolverSampler, dpm_solver_plan
+from conftest import rel_err
 
 SCALE = 9.0
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture()
-def model(parameterization, tiny_eps_model, tiny_v_model):
-    return tiny_eps_model if parameterization == "eps" else tiny_v_model
 
 
 def reference_dpm_solver_pp(model, inputs, steps: int) -> torch.Tensor:

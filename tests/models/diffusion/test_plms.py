@@ -16,17 +16,9 @@ import pytest
 import torch
 
 from ldm.models.diffusion.plms import PLMSSampler
+from conftest import rel_err
 
 SCALE, STEPS = 9.0, 10
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture()
-def model(parameterization, tiny_eps_model, tiny_v_model):
-    return tiny_eps_model if parameterization == "eps" else tiny_v_model
 
 
 def reference_plms(model, inputs, steps: int = STEPS) -> torch.Tensor:

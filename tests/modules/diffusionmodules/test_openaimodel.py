@@ -13,14 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import randomize_, tiny_config
+from conftest import randomize_, rel_err, tiny_config
 from ldm.loading import build_model
 
 RTOL = 1e-4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def inputs(batch: int = 2, size: int = 8, context_dim: int = 48, seed: int = 1):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, rel_err
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
 
 RTOL = 1e-4
@@ -23,10 +23,6 @@ PROMPTS = [
     "Déjà vu!!  two   spaces, UPPER case, punctuation... & émojis 🤖 it's 3.14",
     "word " * 100,  # longer than the context: truncated, end token kept
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
