@@ -61,31 +61,36 @@ class DDIMSampler:
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
         img = torch.randn(size, device=self.model.device) if x_T is None else x_T
-        return self.ddim_sampling(
-            conditioning, img, callback=callback, img_callback=img_callback, mask=mask, x0=x0,
-            log_every_t=log_every_t, temperature=temperature, noise_dropout=noise_dropout,
-            unconditional_guidance_scale=unconditional_guidance_scale,
-            unconditional_conditioning=unconditional_conditioning,
-        )
-
-    def ddim_sampling(
-        self, cond, img, callback=None, img_callback=None, mask=None, x0=None, log_every_t=100,
-        temperature=1.0, noise_dropout=0.0, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-        desc: str = "DDIM Sampler",
-    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        schedule = self.schedule
-        total_steps = len(schedule)
-        intermediates = {"x_inter": [img], "pred_x0": [img]}
-        for i in tqdm(range(total_steps), desc=desc, total=total_steps):
-            index = total_steps - i - 1
-            ts = schedule.timestep_tensor[index].expand(img.shape[0])
-            if mask is not None:
-                img = self.model.q_sample(x0, ts) * mask + (1.0 - mask) * img
-            img, pred_x0 = self.p_sample_ddim(
-                img, cond, ts, index, temperature=temperature, noise_dropout=noise_dropout,
+        def step(x: torch.Tensor, ts: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.p_sample_ddim(
+                x, conditioning, ts, index, temperature=temperature, noise_dropout=noise_dropout,
                 unconditional_guidance_scale=unconditional_guidance_scale,
                 unconditional_conditioning=unconditional_conditioning,
             )
+
+        return self.sampling_loop(img, step, callback, img_callback, mask, x0, log_every_t, "DDIM Sampler")
+
+    def sampling_loop(
+        self,
+        img: torch.Tensor,
+        step: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+        callback: Callable[[int], None] | None = None,
+        img_callback: Callable[[torch.Tensor, int], None] | None = None,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        log_every_t: int = 100,
+        desc: str = "DDIM Sampler",
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """The loop DDIM and PLMS share: ``step(x, ts, index)`` makes one update, from the
+        noisiest schedule index down to 0; ``mask`` keeps the ``x0`` region (noised to ``ts``)."""
+        total_steps = len(self.schedule)
+        intermediates = {"x_inter": [img], "pred_x0": [img]}
+        for i in tqdm(range(total_steps), desc=desc, total=total_steps):
+            index = total_steps - i - 1
+            ts = self.schedule.timestep_tensor[index].expand(img.shape[0])
+            if mask is not None:
+                img = self.model.q_sample(x0, ts) * mask + (1.0 - mask) * img
+            img, pred_x0 = step(img, ts, index)
             if callback:
                 callback(i)
             if img_callback:

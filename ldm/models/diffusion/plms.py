@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler, _unsupported
 from ldm.models.diffusion.sampling import guided_model_output
@@ -43,33 +42,22 @@ class PLMSSampler(DDIMSampler):
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         img = torch.randn((batch_size, *shape), device=self.model.device) if x_T is None else x_T
         schedule = self.schedule
-        total_steps = len(schedule)
-        intermediates = {"x_inter": [img], "pred_x0": [img]}
         old_eps: list[torch.Tensor] = []
 
         def noise_estimate(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = guided_model_output(self.model, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
             return self.model.predict_eps_from_z_and_v(x, t, out) if self.model.parameterization == "v" else out
 
-        for i in tqdm(range(total_steps), desc="PLMS Sampler", total=total_steps):
-            index = total_steps - i - 1
-            ts = schedule.timestep_tensor[index].expand(batch_size)
-            ts_next = schedule.timestep_tensor[max(index - 1, 0)].expand(batch_size)
-            if mask is not None:
-                img = self.model.q_sample(x0, ts) * mask + (1.0 - mask) * img
-            e_t = noise_estimate(img, ts)
+        def step(x: torch.Tensor, ts: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal old_eps
+            e_t = noise_estimate(x, ts)
             if not old_eps:
-                x_next, _ = schedule.step(img, e_t, index, None, temperature, noise_dropout)
+                ts_next = schedule.timestep_tensor[max(index - 1, 0)].expand(x.shape[0])
+                x_next, _ = schedule.step(x, e_t, index, None, temperature, noise_dropout)
                 e_t_prime = (e_t + noise_estimate(x_next, ts_next)) / 2
             else:
                 e_t_prime = plms_combine(e_t, old_eps)
-            img, pred_x0 = schedule.step(img, e_t_prime, index, None, temperature, noise_dropout)
             old_eps = (old_eps + [e_t])[-3:]
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total_steps - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
-        return img, intermediates
+            return schedule.step(x, e_t_prime, index, None, temperature, noise_dropout)
+
+        return self.sampling_loop(img, step, callback, img_callback, mask, x0, log_every_t, "PLMS Sampler")
