@@ -1,7 +1,7 @@
 """scripts/img2img.py as a user runs it, on the tiny SD2-structured model: the init image's
 size handling, files, metadata, seeds, pixel equality with the original img2img loop (DDIM
 stochastic_encode to int(strength * steps), then decode), and its bad inputs.
-Flags shared with txt2img are tested in test_txt2img.py (same code, ldm/generation.py)."""
+Flags shared with txt2img are tested in test_txt2img.py (same code, ldm/generation/)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from ldm import generation as gen
+from ldm.generation import main
+from ldm.generation.images import load_init_image
+from ldm.generation.options import DEFAULT_PROMPTS
+from ldm.generation.run import seed_everything
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
 
@@ -27,7 +30,7 @@ FAST = ["--steps", "4", "--strength", "0.5", "--n_samples", "2", "--n_iter", "1"
 
 def img2img(tiny_files, init: Path, outdir: Path, *flags: str) -> int:
     model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"])]
-    return gen.main([*model, "--init-img", str(init), "--outdir", str(outdir), *FAST, *flags], "img2img")
+    return main([*model, "--init-img", str(init), "--outdir", str(outdir), *FAST, *flags], "img2img")
 
 
 def samples(outdir: Path) -> list[np.ndarray]:
@@ -59,7 +62,7 @@ def test_files_sizes_and_metadata(runs):
     with Image.open(timed / "samples" / "00003.png") as image:
         assert image.size == (80, 64)
         text = dict(image.text)
-    expected = {"prompt": gen.DEFAULT_PROMPTS["img2img"], "negative_prompt": "", "init_image": "init.png", "strength": "0.5",
+    expected = {"prompt": DEFAULT_PROMPTS["img2img"], "negative_prompt": "", "init_image": "init.png", "strength": "0.5",
                 "sampler": "ddim", "steps": "4", "seed": "42", "size": "80x64", "iteration": "1", "batch_index": "1"}  # fmt: skip
     assert {k: text[k] for k in expected} == expected
 
@@ -79,16 +82,16 @@ def test_pixels_match_the_original_img2img_loop(runs, tiny_files):
     posterior, then per iteration stochastic_encode to t_enc and DDIM-decode, with guidance."""
     model = load_model_from_config(tiny_files["config"], tiny_files["safetensors"], "cpu")
     sampler = DDIMSampler(model, device=torch.device("cpu"))
-    gen.seed_everything(42)
+    seed_everything(42)
     expected = []
     with torch.no_grad(), model.ema_scope():
-        init = gen.load_init_image(str(runs["init"]), 16).repeat(2, 1, 1, 1)
+        init = load_init_image(str(runs["init"]), 16).repeat(2, 1, 1, 1)
         init_latent = model.get_first_stage_encoding(model.encode_first_stage(init))
         sampler.make_schedule(ddim_num_steps=4, ddim_eta=0.0, verbose=False)
         t_enc = int(0.5 * 4)
         for _ in range(2):
             uc = model.get_learned_conditioning(2 * [""])
-            c = model.get_learned_conditioning(2 * [gen.DEFAULT_PROMPTS["img2img"]])
+            c = model.get_learned_conditioning(2 * [DEFAULT_PROMPTS["img2img"]])
             z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc] * 2))
             z = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=9.0, unconditional_conditioning=uc)
             x = torch.clamp((model.decode_first_stage(z) + 1.0) / 2.0, min=0.0, max=1.0)

@@ -21,7 +21,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT
-from ldm import generation as gen
+from ldm.generation import main
+from ldm.generation import model as generation_model
+from ldm.generation.options import DEFAULT_PROMPTS, DEMO_PROMPT
+from ldm.generation.run import seed_everything
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
 
@@ -31,7 +34,7 @@ FAST = ["--H", "64", "--W", "64", "--steps", "2", "--n_samples", "1", "--n_iter"
 
 def txt2img(tiny_files, outdir: Path, *flags: str) -> int:
     model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"])]
-    return gen.main([*model, "--outdir", str(outdir), *FAST, *flags], "txt2img")
+    return main([*model, "--outdir", str(outdir), *FAST, *flags], "txt2img")
 
 
 def samples(outdir: Path) -> list[Path]:
@@ -84,13 +87,13 @@ def test_time_and_stats_files(runs):
 def test_png_metadata_describes_the_image(runs, tiny_files):
     with Image.open(runs["timed"] / "samples" / "00009.png") as image:
         text = dict(image.text)
-    assert text["prompt"] == gen.DEFAULT_PROMPTS["txt2img"] and text["negative_prompt"] == ""
+    assert text["prompt"] == DEFAULT_PROMPTS["txt2img"] and text["negative_prompt"] == ""
     expected = {"seed": "42", "sampler": "ddim", "steps": "2", "scale": "9.0", "size": "64x64", "eta": "0.0",
                 "iteration": "1", "batch_index": "0", "config": tiny_files["config"].name,
                 "checkpoint": tiny_files["safetensors"].name}  # fmt: skip
     assert {k: text[k] for k in expected} == expected
     with Image.open(runs["timed"] / "grid-0000.png") as grid:
-        assert grid.text["prompt"] == gen.DEFAULT_PROMPTS["txt2img"]
+        assert grid.text["prompt"] == DEFAULT_PROMPTS["txt2img"]
         assert grid.size == (66 + 2, 2 * 66 + 2)  # n_rows = n_samples = 1: one column of two, padding 2
 
 
@@ -109,12 +112,12 @@ def test_pixels_match_the_original_scripts_loop(runs, tiny_files):
     clamping, and the 255 * x truncation to uint8."""
     model = load_model_from_config(tiny_files["config"], tiny_files["safetensors"], "cpu")
     sampler = DDIMSampler(model, device=torch.device("cpu"))
-    gen.seed_everything(42)
+    seed_everything(42)
     expected = []
     with torch.no_grad(), model.ema_scope():
         for _ in range(2):
             uc = model.get_learned_conditioning([""])
-            c = model.get_learned_conditioning([gen.DEFAULT_PROMPTS["txt2img"]])
+            c = model.get_learned_conditioning([DEFAULT_PROMPTS["txt2img"]])
             z, _ = sampler.sample(S=2, conditioning=c, batch_size=1, shape=[4, 8, 8], verbose=False,
                                   unconditional_guidance_scale=9.0, unconditional_conditioning=uc, eta=0.0, x_T=None)
             x = torch.clamp((model.decode_first_stage(z) + 1.0) / 2.0, min=0.0, max=1.0)
@@ -154,21 +157,21 @@ def test_prompts_from_file_in_batches_with_grid_rows(tiny_files, tmp_path):
 
 def test_random_weights_warns_and_runs(tiny_files, tmp_path, caplog):
     argv = ["--config", str(tiny_files["config"]), "--random_weights", "--outdir", str(tmp_path), *FAST]
-    assert gen.main(argv, "txt2img") == 0
+    assert main(argv, "txt2img") == 0
     assert "images are noise" in caplog.text
     with Image.open(samples(tmp_path)[0]) as image:
         assert image.text["checkpoint"] == "random weights"
 
 
 def test_demo_model_is_the_default_when_installed(tiny_files, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gen, "DEMO_CONFIG", tiny_files["config"])
-    monkeypatch.setattr(gen, "DEMO_CKPT", tiny_files["safetensors"])
-    assert gen.main(["--outdir", str(tmp_path), "--steps", "2", "--n_samples", "1", "--n_iter", "1", "--precision", "full"]) == 0
+    monkeypatch.setattr(generation_model, "DEMO_CONFIG", tiny_files["config"])
+    monkeypatch.setattr(generation_model, "DEMO_CKPT", tiny_files["safetensors"])
+    assert main(["--outdir", str(tmp_path), "--steps", "2", "--n_samples", "1", "--n_iter", "1", "--precision", "full"]) == 0
     out = capsys.readouterr().out
     assert "Using the demo model" in out and "--config configs/stable-diffusion/v2-inference.yaml --ckpt" in out
     with Image.open(samples(tmp_path)[0]) as image:
         assert image.size == (64, 64)  # the model's native size: latent 8 x autoencoder factor 8
-        assert image.text["prompt"] == gen.DEMO_PROMPT
+        assert image.text["prompt"] == DEMO_PROMPT
 
 
 def test_too_long_prompt_warning(tiny_files, tmp_path, caplog):
@@ -238,8 +241,8 @@ def test_mismatch_shows_the_checkpoint_diagnosis(tiny_files, tmp_path, capsys):
 
 
 def test_unwritable_outdir(tiny_files, tmp_path, capsys, monkeypatch):
-    access = gen.os.access
-    monkeypatch.setattr(gen.os, "access", lambda path, mode: access(path, mode) and Path(path) != tmp_path)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and Path(path) != tmp_path)
     assert txt2img(tiny_files, tmp_path / "run") == 1
     assert f"--outdir {tmp_path / 'run'}: {tmp_path} is not writable" in capsys.readouterr().err
 

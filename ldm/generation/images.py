@@ -1,0 +1,144 @@
+"""Image files: the init image read in, numbered watermarked PNGs with metadata and the grid written out."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from ldm.fileio import atomic_path
+from ldm.generation.errors import GenerationError
+
+logger = logging.getLogger(__name__)
+
+WATERMARK = "SDV2"
+WATERMARK_MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images
+SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")
+GRID_NAME = re.compile(r"^grid-(\d{4,})\.png$")
+
+
+def load_init_image(path: str, multiple: int) -> torch.Tensor:
+    """The image as a (1, 3, h, w) tensor in [-1, 1], sides cut down to multiples of ``multiple``
+    and resized with Lanczos, as the original img2img does (with 64 for SD2)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except FileNotFoundError:
+        raise GenerationError(f"--init-img {path}: no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise GenerationError(f"--init-img {path}: cannot be read as an image: {e}") from None
+    w, h = image.size
+    new_w, new_h = w - w % multiple, h - h % multiple
+    if not new_w or not new_h:
+        raise GenerationError(f"--init-img {path}: {w}x{h} is too small, sides must be at least {multiple} pixels")
+    if (new_w, new_h) != (w, h):
+        logger.info("init image %dx%d resized to %dx%d (sides must be multiples of %d)", w, h, new_w, new_h, multiple)
+    image = image.resize((new_w, new_h), resample=Image.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy()) - 1.0
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, h, w) in [0, 1] to an (h, w, 3) uint8 array, truncating as the original does."""
+    return (255.0 * image.numpy().transpose(1, 2, 0)).astype(np.uint8)
+
+
+def make_grid(images: Sequence[np.ndarray], nrow: int, padding: int = 2) -> np.ndarray:
+    """Images in rows of ``nrow`` with a black ``padding`` border, as torchvision's make_grid
+    (which returns a single image unpadded)."""
+    if len(images) == 1:
+        return images[0]
+    h, w, c = images[0].shape
+    cols = min(nrow, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        y, x = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+class Watermarker:
+    """The original's invisible watermark ("SDV2", dwtDct) via invisible-watermark, when installed."""
+
+    def __init__(self, enabled: bool):
+        self.encoder = None
+        self._warned_small = False
+        if not enabled:
+            return
+        try:
+            from imwatermark import WatermarkEncoder
+        except ImportError:
+            logger.warning("invisible-watermark is not installed: images are not watermarked (pip install invisible-watermark)")
+            return
+        self.encoder = WatermarkEncoder()
+        self.encoder.set_watermark("bytes", WATERMARK.encode("utf-8"))
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        if self.encoder is None:
+            return array
+        if array.shape[0] * array.shape[1] < WATERMARK_MIN_PIXELS:
+            if not self._warned_small:
+                logger.warning("images below 256x256 pixels cannot carry the invisible watermark: not watermarked")
+                self._warned_small = True
+            return array
+        bgr = np.ascontiguousarray(array[:, :, ::-1])
+        return np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1])
+
+
+def next_number(folder: Path, pattern: re.Pattern) -> int:
+    """One more than the highest number of the files of ``pattern`` in ``folder``."""
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
+    return max(numbers, default=-1) + 1
+
+
+class ImageWriter:
+    """Saves numbered PNGs with their generation parameters as text chunks, never overwriting.
+
+    Folders are created at the first save, so a run that fails before it leaves nothing behind.
+    """
+
+    def __init__(self, outdir: Path, watermark: Watermarker, metadata: dict[str, str]):
+        self.outdir = outdir
+        self.sample_dir = outdir / "samples"
+        self.watermark = watermark
+        self.metadata = metadata
+        self.saved: list[Path] = []
+        self._next: dict[Path, int] = {}
+
+    def _save(self, array: np.ndarray, folder: Path, pattern: re.Pattern, name: str, extra: dict[str, Any]) -> Path:
+        info = PngImagePlugin.PngInfo()
+        for key, value in {**self.metadata, **extra}.items():
+            info.add_text(key, str(value))
+        image = Image.fromarray(self.watermark(array))
+        if folder not in self._next:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise GenerationError(f"--outdir {self.outdir}: cannot create {folder}: {e.strerror or e}") from None
+            self._next[folder] = next_number(folder, pattern)
+        while True:
+            path = folder / name.format(self._next[folder])
+            self._next[folder] += 1
+            try:
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG", pnginfo=info)
+                return path
+            except FileExistsError:  # written by another run meanwhile: take the next number
+                continue
+
+    def sample(self, array: np.ndarray, **extra: Any) -> Path:
+        path = self._save(array, self.sample_dir, SAMPLE_NAME, "{:05}.png", extra)
+        self.saved.append(path)
+        return path
+
+    def grid(self, arrays: Sequence[np.ndarray], nrow: int, prompts: Sequence[str]) -> Path:
+        prompt = "\n".join(dict.fromkeys(prompts))
+        return self._save(make_grid(arrays, nrow), self.outdir, GRID_NAME, "grid-{:04}.png", {"prompt": prompt})
