@@ -64,6 +64,10 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         text.logit_scale = nn.Parameter(torch.empty(()))  # kept so the checkpoint's key loads strictly
         # The causal mask is not in checkpoints: make it on the CPU even when built on "meta".
         text.register_buffer("attn_mask", _causal_mask(text.context_length), persistent=False)
+        # Run the blocks sequence-first, as the original did: batch-first attention transposes
+        # its input, and the projection of that strided view is a slow batched matmul.
+        for block in text.transformer.resblocks:
+            block.attn.batch_first = False
         self.model = text
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.max_length = max_length
@@ -99,11 +103,12 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.model.token_embedding(tokens) + self.model.positional_embedding
+        x = x.transpose(0, 1).contiguous()  # (tokens, batch, width)
         blocks = self.model.transformer.resblocks
         mask = self.model.attn_mask
         for block in blocks[: len(blocks) - self.layer_idx]:
             x = block(x, attn_mask=mask)
-        return self.model.ln_final(x)
+        return self.model.ln_final(x.transpose(0, 1))
 
     def encode(self, text: Sequence[str]) -> torch.Tensor:
         return self(text)
