@@ -92,7 +92,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=pos1, default=2 if img2img else 3, help="images per prompt batch, the batch size (default: %(default)s)")
     p.add_argument("--n_rows", type=pos0, default=0, help="images per row of the grid (default: 0, n_samples)")
     p.add_argument("--scale", type=float, default=9.0,
-                   help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty) (default: %(default)s)")
+                   help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) (default: %(default)s)")
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     p.add_argument("--repeat", type=pos1, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
     p.add_argument("--config", type=str, default=None,
