@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.sampling import DDIMSchedule, guided_model_output
+from ldm.models.diffusion.sampling import DDIMSchedule, GuidedModel
 
 
 def _unsupported(**options: Any) -> None:
@@ -61,12 +61,10 @@ class DDIMSampler:
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
         img = torch.randn(size, device=self.model.device) if x_T is None else x_T
+        guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+
         def step(x: torch.Tensor, ts: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.p_sample_ddim(
-                x, conditioning, ts, index, temperature=temperature, noise_dropout=noise_dropout,
-                unconditional_guidance_scale=unconditional_guidance_scale,
-                unconditional_conditioning=unconditional_conditioning,
-            )
+            return self.ddim_update(guided, x, ts, index, temperature, noise_dropout)
 
         return self.sampling_loop(img, step, callback, img_callback, mask, x0, log_every_t, "DDIM Sampler")
 
@@ -104,7 +102,15 @@ class DDIMSampler:
         self, x, c, t, index: int, temperature: float = 1.0, noise_dropout: float = 0.0,
         unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = guided_model_output(self.model, x, t, c, unconditional_conditioning, unconditional_guidance_scale)
+        guided = GuidedModel(self.model, c, unconditional_conditioning, unconditional_guidance_scale)
+        return self.ddim_update(guided, x, t, index, temperature, noise_dropout)
+
+    def ddim_update(
+        self, guided: GuidedModel, x: torch.Tensor, t: torch.Tensor, index: int,
+        temperature: float = 1.0, noise_dropout: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM step at schedule ``index``: returns the next latent and the predicted x0."""
+        out = guided(x, t)
         if self.model.parameterization == "v":
             e_t = self.model.predict_eps_from_z_and_v(x, t, out)
             pred_x0 = self.model.predict_start_from_z_and_v(x, t, out)
@@ -130,15 +136,11 @@ class DDIMSampler:
         """Denoise ``x_latent`` from DDIM step ``t_start`` down to a clean latent."""
         if use_original_steps:
             raise NotImplementedError("decode with use_original_steps is not supported")
-        schedule = self.schedule
+        guided = GuidedModel(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
         x = x_latent
         for i in tqdm(range(t_start), desc="Decoding image", total=t_start):
             index = t_start - i - 1
-            ts = schedule.timestep_tensor[index].expand(x.shape[0])
-            x, _ = self.p_sample_ddim(
-                x, cond, ts, index, unconditional_guidance_scale=unconditional_guidance_scale,
-                unconditional_conditioning=unconditional_conditioning,
-            )
+            x, _ = self.ddim_update(guided, x, self.schedule.timestep_tensor[index].expand(x.shape[0]), index)
             if callback:
                 callback(i)
         return x

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import _unsupported
-from ldm.models.diffusion.sampling import guided_model_output
+from ldm.models.diffusion.sampling import GuidedModel
 
 
 class DiscreteVPSchedule:
@@ -97,11 +97,11 @@ class DPMSolverSampler:
         x = torch.randn((batch_size, *shape), device=device) if x_T is None else x_T
         plan = {k: v.to(device) for k, v in dpm_solver_plan(self.noise_schedule, S).items()}
         model_time = plan["model_time"].expand(x.shape[0], -1).t().contiguous()  # one row per grid point
+        guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
 
         def data_prediction(x: torch.Tensor, i: int) -> torch.Tensor:
             """x0 predicted at grid point ``i`` (DPM-Solver++ works on data predictions)."""
-            out = guided_model_output(self.model, x, model_time[i], conditioning, unconditional_conditioning,
-                                      unconditional_guidance_scale)
+            out = guided(x, model_time[i])
             alpha, sigma = plan["alpha"][i], plan["sigma"][i]
             noise = alpha * out + sigma * x if self.model.parameterization == "v" else out
             return (x - sigma * noise) / alpha

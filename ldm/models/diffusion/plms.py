@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler, _unsupported
-from ldm.models.diffusion.sampling import guided_model_output
+from ldm.models.diffusion.sampling import GuidedModel
 
 
 def plms_combine(e_t: torch.Tensor, old_eps: list[torch.Tensor]) -> torch.Tensor:
@@ -44,8 +44,10 @@ class PLMSSampler(DDIMSampler):
         schedule = self.schedule
         old_eps: list[torch.Tensor] = []
 
+        guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+
         def noise_estimate(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = guided_model_output(self.model, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+            out = guided(x, t)
             return self.model.predict_eps_from_z_and_v(x, t, out) if self.model.parameterization == "v" else out
 
         def step(x: torch.Tensor, ts: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,12 +18,29 @@ def concat_conditioning(uncond: Any, cond: Any) -> Any:
     return torch.cat([uncond, cond])
 
 
+class GuidedModel:
+    """The model under classifier-free guidance, as a function of (x, t).
+
+    Unconditional and conditional inputs run as one batched UNet call (uncond first, as the
+    original); their conditioning batch is built once here, not at every step.
+    """
+
+    def __init__(self, model, cond: Any, uncond: Any = None, scale: float = 1.0):
+        self.model = model
+        self.scale = scale
+        self.guided = uncond is not None and scale != 1.0
+        self.cond = concat_conditioning(uncond, cond) if self.guided else cond
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return self.model.apply_model(x, t, self.cond)
+        out_uncond, out_cond = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), self.cond).chunk(2)
+        return out_uncond + self.scale * (out_cond - out_uncond)
+
+
 def guided_model_output(model, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float) -> torch.Tensor:
-    """The model's prediction under classifier-free guidance, uncond and cond in one UNet call."""
-    if uncond is None or scale == 1.0:
-        return model.apply_model(x, t, cond)
-    out_uncond, out_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond)).chunk(2)
-    return out_uncond + scale * (out_cond - out_uncond)
+    """One guided prediction (see :class:`GuidedModel`, which samplers build once per run)."""
+    return GuidedModel(model, cond, uncond, scale)(x, t)
 
 
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
