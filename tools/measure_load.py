@@ -15,6 +15,7 @@ Needs about 8 GiB of free memory (fp32 model plus its fp16 copy).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import tempfile
 import time
@@ -70,7 +71,7 @@ def main() -> None:
         state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         del model
         gc.collect()
-        timed("    write fp16 safetensors (not part of loading)", results, lambda: save_state_dict(state, path))
+        timed("    write fp16 safetensors (not part of loading)", results, functools.partial(save_state_dict, state, path))
         del state
         gc.collect()
         size_gb = path.stat().st_size / 1e9
@@ -85,7 +86,7 @@ def main() -> None:
 
         state = timed("(b1) load_state_dict + read every page", results, read_state)
         meta = timed("(b2) build on meta", results, lambda: build_model(args.config, "meta"))
-        timed("(b3) assign the tensors (apply_state_dict)", results, lambda: apply_state_dict(meta, state, assign=True))
+        timed("(b3) assign the tensors (apply_state_dict)", results, functools.partial(apply_state_dict, meta, state, assign=True))
         del state, meta
         gc.collect()
 
