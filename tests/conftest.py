@@ -3,6 +3,7 @@ checkpoint files. Every test module builds its models from here, never its own c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -45,6 +46,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         else:
             fan_in = p[0].numel() if p.ndim > 1 else p.numel()
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return module
+
+
+def load_script(relative_path: str):
+    """Import a program of scripts/ or tools/ (not a package) as a module, for in-process tests."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 

@@ -5,7 +5,6 @@ benchmark round on the tiny model on the CPU (data file, summary table and plots
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from ldm import benchmarking as bm
 from ldm.checkpoint import load_state_dict
 from ldm.loading import load_model_from_config
@@ -25,14 +24,7 @@ SCRIPT = ROOT / "scripts" / "benchmark.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = _load_script()
+benchmark = load_script("scripts/benchmark.py")
 
 
 def record(name: str, batch: int, rnd: int, status: str = "ok", seconds: float | None = None, detail: str | None = None, peak=None):

@@ -3,7 +3,6 @@ refusals (existing output, input already converted, truncated input) that leave 
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,21 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from ldm.checkpoint import load_state_dict
 from ldm.native_mha import NATIVE, detect_layout
 
 TOOL = ROOT / "tools" / "convert_native_mha.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_native_mha", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_script("tools/convert_native_mha.py")
 
 
 def files_in(folder: Path) -> set[str]:

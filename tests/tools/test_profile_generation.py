@@ -4,25 +4,17 @@ with the profiler's own counts, and --json and --trace hold the same run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 TOOL = ROOT / "tools" / "profile_generation.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("profile_generation", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_script("tools/profile_generation.py")
 
 
 def table_rows(out: str) -> dict[str, list[str]]:
