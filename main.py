@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.fileio import write_text
 
 logger = logging.getLogger("main")
 
@@ -163,7 +167,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         module.compile_model()
 
     logdir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, logdir / "config.yaml")
+    write_text(logdir / "config.yaml", OmegaConf.to_yaml(config), overwrite=True)
     lightning = config.lightning
     checkpoint = AtomicCheckpoint(ckpt_dir, int(lightning.get("checkpoint_every_n_steps", 500)), model_yaml)
     trainer_options: dict[str, Any] = {"max_epochs": -1, "log_every_n_steps": 25, "accelerator": "auto", "devices": 1}
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         exported = run(argv)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (ConfigError, CheckpointError, OSError, OmegaConfBaseException, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done: weights in {exported}")

@@ -31,6 +31,8 @@ import torch
 
 from ldm import benchmarking as bm
 from ldm.fileio import write_bytes
+from ldm.generation.errors import GenerationError
+from ldm.generation.model import model_geometry
 from ldm.loading import load_config
 
 logger = logging.getLogger("benchmark")
@@ -102,19 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if config.model.params.unet_config.params.get("use_native_mha", False):
         p.error(f"{args.config} is a native-MHA config: pass the original-layout config (add --native-mha for that layout)")
-    factor = _size_multiple(config)
+    try:
+        factor = model_geometry(config, args.config).multiple
+    except GenerationError as e:
+        p.error(str(e))
     if args.H % factor or args.W % factor:
         p.error(f"--H and --W must be multiples of {factor} for {args.config} (got {args.H}x{args.W})")
     args.peer_precision = args.peer_precision or args.precision
     return args
-
-
-def _size_multiple(config: Any) -> int:
-    """Image sides must divide by the autoencoder's factor times the UNet's downsampling."""
-    params = config.model.params
-    vae = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
-    unet = 2 ** (len(params.unet_config.params.channel_mult) - 1)
-    return vae * unet
 
 
 def importable(module: str) -> bool:

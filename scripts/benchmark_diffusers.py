@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
+from ldm.devices import device_name, synchronize
 from ldm.fileio import write_text
 from ldm.checkpoint import load_state_dict
 from ldm.loading import load_config
@@ -200,16 +201,6 @@ def build_pipeline(config: Any, ckpt: str | os.PathLike, tokenizer_folder: str |
     return pipe
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    """As txt2img.py names it in its statistics."""
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -250,10 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     seconds, images = 0.0, 0
     for i in range(args.n_iter):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         batch = generate(generator)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         seconds += elapsed
         for image in batch:  # saved untimed, as txt2img.py does

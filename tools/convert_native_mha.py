@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "without --reverse" if args.reverse else "with --reverse to convert it back"
         print(f"error: {e}; nothing written. (Run {hint}, or use it as it is.)", file=sys.stderr)
         return 1
-    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, OSError) as e:  # OSError: missing, unwritable, disk full
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} ({LAYOUT_NAMES[target]} layout) from {args.input}")

@@ -40,10 +40,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from ldm.devices import device_name, synchronize
 from ldm.fileio import atomic_path, write_text
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.run import (
-    Job, cli_logging, device_name, make_batch_fn, precision_context, prepare, seed_everything, setup_model,
+    Job, cli_logging, make_batch_fn, precision_context, prepare, seed_everything, setup_model,
 )
 from ldm.modules.attention import IMPLEMENTATIONS, sdpa_backends
 
@@ -134,11 +135,6 @@ def labelled(model: torch.nn.Module) -> Iterator[None]:
             delattr(model, attr)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_generation(job: Job) -> tuple[Any, float]:
     """One warm-up generation, then one under the profiler; the profiler and its wall seconds."""
     args, model, device = job.args, job.model, job.device
@@ -150,11 +146,11 @@ def profile_generation(job: Job) -> tuple[Any, float]:
         make_batch_fn(job)(prompts)
         seed_everything(args.seed)
         batch = make_batch_fn(job)
-        _sync(device)
+        synchronize(device)
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             batch(prompts)
-            _sync(device)
+            synchronize(device)
             wall = time.perf_counter() - start
     return prof, wall
 

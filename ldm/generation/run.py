@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm, trange
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ldm.devices import device_name, synchronize
 from ldm.fileio import write_text
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.images import ImageWriter, Watermarker, load_init_image, to_uint8
@@ -87,7 +88,11 @@ class Job:
 
     @property
     def steps_per_batch(self) -> int:
-        return self.t_enc if self.kind == "img2img" else self.args.steps
+        """UNet steps one batch takes: a uniform DDIM/PLMS grid of S steps can hold S + 1."""
+        if self.kind == "img2img":
+            return self.t_enc
+        timesteps = getattr(self.sampler, "ddim_timesteps", None)
+        return len(timesteps) if timesteps is not None else self.args.steps
 
 
 def _shown(path: Path) -> str:
@@ -113,9 +118,6 @@ def prepare(args: argparse.Namespace, kind: str) -> Job:
         height, width = init_image.shape[2:]
     else:
         height, width = image_size(args, geometry)
-    max_steps = int(config.model.params.get("timesteps", 1000))
-    if args.steps > max_steps:
-        raise UsageError(f"--steps {args.steps}: the model's schedule has {max_steps} timesteps, at most that many steps")
     default_prompt = DEMO_PROMPT if files.demo else DEFAULT_PROMPTS[kind]
     batches = read_prompts(args, default_prompt)
     check_output_paths(args)
@@ -138,16 +140,13 @@ def setup_model(job: Job) -> None:
             sampler.make_schedule(ddim_num_steps=args.steps, ddim_eta=args.ddim_eta, verbose=False)
         except (IndexError, ValueError) as e:
             raise UsageError(f"--steps {args.steps}: {e}") from None
+    elif args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: DPM-Solver++ (2M) needs at least 2 steps")
     if job.kind == "img2img":
         logger.info("img2img: the init image is noised by %d of %d steps, then denoised", job.t_enc, args.steps)
     if args.compile:
         model.model.diffusion_model.compile(mode=args.compile_mode or "default")
     job.model, job.sampler, job.sampler_name = model, sampler, name
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_batch_fn(job: Job) -> Callable[[list[str]], torch.Tensor]:
@@ -215,10 +214,10 @@ def generate(job: Job, writer: ImageWriter) -> Timing:
         with precision_context(args, device):
             for iteration in trange(args.n_iter, desc="Sampling"):
                 for prompts in tqdm(job.batches, desc="data"):
-                    _sync(device)
+                    synchronize(device)
                     start = time.perf_counter()
                     images = batch(prompts)
-                    _sync(device)
+                    synchronize(device)
                     timing.seconds += time.perf_counter() - start
                     timing.batches += 1
                     for index, (image, prompt) in enumerate(zip(images, prompts)):
@@ -254,10 +253,6 @@ def image_metadata(job: Job) -> dict[str, str]:
     if job.kind == "img2img":
         meta.update(init_image=Path(args.init_img).name, strength=args.strength)
     return {k: str(v) for k, v in meta.items()}
-
-
-def device_name(device: torch.device) -> str:
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def write_results(job: Job, timing: Timing) -> None:
@@ -297,6 +292,11 @@ def run(args: argparse.Namespace, kind: str) -> None:
         timing = generate(job, writer)
     except OSError as e:  # a full disk, a folder removed meanwhile: the images written so far are complete
         raise GenerationError(f"writing the output failed: {e}") from None
+    except torch.OutOfMemoryError:
+        raise GenerationError(
+            f"out of {job.device.type.upper()} memory at --n_samples {args.n_samples}: lower --n_samples, "
+            "or --vae_slice_size if it failed while decoding"
+        ) from None
     except RuntimeError as e:
         message = str(e)
         if "No available kernel" in message or "No viable backend" in message:

@@ -57,6 +57,13 @@ def check_implementation(name: str) -> str:
     return name
 
 
+def _default_implementation() -> str:
+    try:
+        return check_implementation(DEFAULT_IMPLEMENTATION)
+    except (ValueError, RuntimeError) as e:
+        raise type(e)(f"LDM_ATTENTION={DEFAULT_IMPLEMENTATION!r}: {e}") from None
+
+
 def _vanilla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """The original computation: scores by matmul, softmax, weighted sum; heads folded into batch."""
     b, n, inner = q.shape
@@ -106,7 +113,7 @@ class CrossAttention(nn.Module):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.implementation = check_implementation(DEFAULT_IMPLEMENTATION)
+        self.implementation = _default_implementation()
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)

@@ -11,7 +11,7 @@ from ldm.models.diffusion.sampling import DDIMSchedule, GuidedModel
 
 
 def _unsupported(**options: Any) -> None:
-    used = [name for name, value in options.items() if value]
+    used = [name for name, value in options.items() if value is not None and value is not False]
     if used:
         raise NotImplementedError(f"sampler options not supported by this implementation: {', '.join(used)}")
 
@@ -24,6 +24,10 @@ class DDIMSampler:
         self.ddpm_num_timesteps = model.num_timesteps
         self.device = torch.device(device) if device is not None else model.device
         self.schedule: DDIMSchedule | None = None
+
+    def _require_schedule(self) -> None:
+        if self.schedule is None:
+            raise RuntimeError("call make_schedule(ddim_num_steps, ddim_eta=...) first")
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True) -> None:
         self.schedule = DDIMSchedule(self.model, ddim_num_steps, ddim_eta, ddim_discretize)
@@ -98,13 +102,6 @@ class DDIMSampler:
                 intermediates["pred_x0"].append(pred_x0)
         return img, intermediates
 
-    def p_sample_ddim(
-        self, x, c, t, index: int, temperature: float = 1.0, noise_dropout: float = 0.0,
-        unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None, **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        guided = GuidedModel(self.model, c, unconditional_conditioning, unconditional_guidance_scale)
-        return self.ddim_update(guided, x, t, index, temperature, noise_dropout)
-
     def ddim_update(
         self, guided: GuidedModel, x: torch.Tensor, t: torch.Tensor, index: int,
         temperature: float = 1.0, noise_dropout: float = 0.0,
@@ -121,6 +118,7 @@ class DDIMSampler:
     @torch.no_grad()
     def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noise clean latents ``x0`` to DDIM step index ``t`` (img2img's forward process)."""
+        self._require_schedule()
         if use_original_steps:
             return self.model.q_sample(x0, t, noise)
         noise = torch.randn_like(x0) if noise is None else noise
@@ -134,6 +132,7 @@ class DDIMSampler:
         unconditional_conditioning=None, use_original_steps: bool = False, callback=None,
     ) -> torch.Tensor:
         """Denoise ``x_latent`` from DDIM step ``t_start`` down to a clean latent."""
+        self._require_schedule()
         if use_original_steps:
             raise NotImplementedError("decode with use_original_steps is not supported")
         guided = GuidedModel(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)

@@ -114,4 +114,4 @@ class DPMSolverSampler:
                 m_prev, m_cur = m_cur, data_prediction(x, i)
             if callback:
                 callback(i - 1)
-        return x.to(device), None
+        return x, None

@@ -38,11 +38,6 @@ class GuidedModel:
         return out_uncond + self.scale * (out_cond - out_uncond)
 
 
-def guided_model_output(model, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float) -> torch.Tensor:
-    """One guided prediction (see :class:`GuidedModel`, which samplers build once per run)."""
-    return GuidedModel(model, cond, uncond, scale)(x, t)
-
-
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
     """The DDPM timesteps a DDIM/PLMS run visits, ascending, with the original's +1 offset."""
     if num_ddim_timesteps < 1:
@@ -60,9 +55,12 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
     # ends at step 1, whose update lands on alphas_cumprod[0].
     steps = steps + 1
     if steps[-1] >= num_ddpm_timesteps:
+        def fits(n: int) -> bool:  # the uniform grid of n steps ends inside the schedule
+            return range(0, num_ddpm_timesteps, num_ddpm_timesteps // n)[-1] + 1 < num_ddpm_timesteps
+        near = sorted((n for n in range(1, num_ddpm_timesteps + 1) if fits(n)), key=lambda n: abs(n - num_ddim_timesteps))[:2]
         raise ValueError(
-            f"{num_ddim_timesteps} {method} steps would reach timestep {steps[-1]}, past the schedule's "
-            f"last ({num_ddpm_timesteps - 1}): use at most {num_ddpm_timesteps // 2} steps"
+            f"{num_ddim_timesteps} {method} steps would visit timestep {steps[-1]}, past the schedule's last "
+            f"({num_ddpm_timesteps - 1}); the nearest step counts that fit are {sorted(near)}"
         )
     return steps
 

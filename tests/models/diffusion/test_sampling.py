@@ -10,7 +10,7 @@ import torch
 
 from ldm.models.diffusion.sampling import (
     DDIMSchedule,
-    guided_model_output,
+    GuidedModel,
     make_ddim_sampling_parameters,
     make_ddim_timesteps,
 )
@@ -86,7 +86,7 @@ def test_guidance_is_one_batched_call_uncond_first():
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([5, 5])
     c, uc = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
-    out = guided_model_output(model, x, t, c, uc, 9.0)
+    out = GuidedModel(model, c, uc, 9.0)(x, t)
     assert len(model.calls) == 1 and model.calls[0][0] == 4
     assert torch.equal(model.calls[0][1], torch.cat([uc, c]))
     out_uncond, out_cond = x * 2, x * 2 + 1
@@ -96,6 +96,6 @@ def test_guidance_is_one_batched_call_uncond_first():
 def test_no_guidance_without_uncond_or_at_scale_1():
     model = _Recorder()
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([5, 5]), torch.ones(2, 3, 4)
-    guided_model_output(model, x, t, c, None, 9.0)
-    guided_model_output(model, x, t, c, torch.zeros(2, 3, 4), 1.0)
+    GuidedModel(model, c, None, 9.0)(x, t)
+    GuidedModel(model, c, torch.zeros(2, 3, 4), 1.0)(x, t)
     assert [n for n, _ in model.calls] == [2, 2]
