@@ -106,7 +106,7 @@ def check_resume(ckpt: Path, config_yaml: str) -> None:
     from ldm.training.callbacks import CONFIG_KEY
 
     try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file gets the same clear message)
         raise CheckpointError(f"cannot read the checkpoint to resume from, {ckpt}: {e}") from e
     if not isinstance(saved, dict) or CONFIG_KEY not in saved:

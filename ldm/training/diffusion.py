@@ -17,7 +17,6 @@ from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.loading import load_config
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -70,13 +69,12 @@ class LatentDiffusionTrainer(pl.LightningModule):
         if isinstance(ldm_config, (str, os.PathLike)):
             ldm_config = load_config(ldm_config).model
         config = OmegaConf.to_container(OmegaConf.create(dict(ldm_config)), resolve=True)
-        config.setdefault("params", {})["use_ema"] = True
+        config.setdefault("params", {}).update(use_ema=True, ema_decay=ema_decay)
         self.model = instantiate_from_config(config)
         if not isinstance(self.model, LatentDiffusion):
             raise TypeError(f"ldm_config must build a LatentDiffusion, got {type(self.model).__name__}")
         if self.model.cond_stage_trainable:
             raise ValueError("cond_stage_trainable: true is not supported; the text encoder stays frozen")
-        self.model.model_ema = LitEma(self.model.model, decay=ema_decay)
         logit_scale = getattr(self.model.cond_stage_model.model, "logit_scale", None)
         if logit_scale is not None:  # unused by the embedder, but saved: give it CLIP's initial value
             with torch.no_grad():

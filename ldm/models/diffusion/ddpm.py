@@ -27,7 +27,7 @@ _TRAINING_ONLY = {
     "original_elbo_weight", "v_posterior", "l_simple_weight", "scheduler_config", "use_positional_encodings",
     "learn_logvar", "logvar_init", "make_it_fit", "ucg_training", "reset_ema", "reset_num_ema_updates",
     "num_timesteps_cond", "concat_mode", "cond_stage_forward", "force_null_conditioning",
-    "cond_stage_trainable", "first_stage_key", "cond_stage_key", "base_learning_rate",
+    "cond_stage_trainable", "first_stage_key", "cond_stage_key", "base_learning_rate", "ema_decay",
 }
 
 
@@ -99,7 +99,7 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
         if use_ema:
-            self.model_ema = LitEma(self.model)
+            self.model_ema = LitEma(self.model, decay=float(training_options.get("ema_decay", 0.9999)))
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
         for p in self.first_stage_model.parameters():
