@@ -63,6 +63,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_draws_normals(run, count: int, shape=(2, 4, 8, 8), seed: int = 0) -> None:
+    """``run()`` consumes exactly ``count`` normal draws of ``shape`` from the global generator,
+    as the original samplers do (so a seeded run's later images match the original's)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        run()
+    after = torch.randn(1)
+    torch.manual_seed(seed)
+    for _ in range(count):
+        torch.randn(shape)
+    assert torch.equal(after, torch.randn(1))
+
+
 def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):
     return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
 
