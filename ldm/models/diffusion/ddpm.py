@@ -253,3 +253,22 @@ class LatentDiffusion(nn.Module):
         if self.cond_stage_trainable:
             c = self.get_learned_conditioning(c)
         return self.p_losses(x, c, t)
+
+
+# The other SD2 families live in a module each; the original configs name them here
+# (``target: ldm.models.diffusion.ddpm.LatentInpaintDiffusion``), so they resolve lazily.
+_FAMILIES = {
+    "LatentFinetuneDiffusion": "ldm.models.diffusion.finetune",
+    "LatentInpaintDiffusion": "ldm.models.diffusion.inpaint",
+    "LatentDepth2ImageDiffusion": "ldm.models.diffusion.depth",
+    "LatentUpscaleDiffusion": "ldm.models.diffusion.upscale",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FAMILIES:
+        import importlib
+
+        return getattr(importlib.import_module(_FAMILIES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
