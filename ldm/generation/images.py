@@ -24,20 +24,20 @@ SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")
 GRID_NAME = re.compile(r"^grid-(\d{4,})\.png$")
 
 
-def load_init_image(path: str, multiple: int) -> torch.Tensor:
+def load_init_image(path: str, multiple: int, flag: str = "--init-img") -> torch.Tensor:
     """The image as a (1, 3, h, w) tensor in [-1, 1], sides cut down to multiples of ``multiple``
     and resized with Lanczos, as the original img2img does (with 64 for SD2)."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
     except FileNotFoundError:
-        raise GenerationError(f"--init-img {path}: no such file") from None
+        raise GenerationError(f"{flag} {path}: no such file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise GenerationError(f"--init-img {path}: cannot be read as an image: {e}") from None
+        raise GenerationError(f"{flag} {path}: cannot be read as an image: {e}") from None
     w, h = image.size
     new_w, new_h = w - w % multiple, h - h % multiple
     if not new_w or not new_h:
-        raise GenerationError(f"--init-img {path}: {w}x{h} is too small, sides must be at least {multiple} pixels")
+        raise GenerationError(f"{flag} {path}: {w}x{h} is too small, sides must be at least {multiple} pixels")
     if (new_w, new_h) != (w, h):
         logger.info("init image %dx%d resized to %dx%d (sides must be multiples of %d)", w, h, new_w, new_h, multiple)
     image = image.resize((new_w, new_h), resample=Image.LANCZOS)

@@ -114,4 +114,6 @@ class DPMSolverSampler:
                 m_prev, m_cur = m_cur, data_prediction(x, i)
             if callback:
                 callback(i - 1)
+            if img_callback:
+                img_callback(x, i - 1)
         return x, None
