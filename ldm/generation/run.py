@@ -76,7 +76,8 @@ def generate(pipeline: Pipeline, batches: list[list[str]], output: OutputSetting
                     try:
                         images = pipeline(prompts)
                     except NonFiniteError as e:
-                        written = f"; the {timing.images} images written before it are kept" if timing.images else ""
+                        n = timing.images
+                        written = f"; the {n} image{'s' * (n != 1)} written before it {'are' if n != 1 else 'is'} kept" if n else ""
                         raise NonFiniteError(f"iteration {iteration + 1}, batch {number + 1} ({prompts[0]!r}): {e}{written}") from None
                     synchronize(device)
                     timing.seconds += time.perf_counter() - start
