@@ -138,8 +138,9 @@ def _decoder_image(vae: torch.nn.Module, height: int, width: int, element: int, 
     return peak
 
 
-def estimate(model, height: int, width: int, batch: int, guided: bool, slice_size: int) -> MemoryEstimate:
-    """The estimate for a run of ``model`` (a :class:`ldm.generation.model.Model`, not loaded)."""
+def estimate(model, height: int, width: int, batch: int, guided: bool, slice_size: int, tile: int | None = None) -> MemoryEstimate:
+    """The estimate for a run of ``model`` (a :class:`ldm.generation.model.Model`, not loaded);
+    ``tile``: the decoder runs on tiles of that many latent pixels (plus the blended output)."""
     settings, device = model.settings, model.device
     disabled = {n for n in ("flash", "mem_efficient", "math") if getattr(settings, f"disable_{n}")}
     scores = _materialises_scores(settings.attention, device, disabled)
@@ -151,31 +152,48 @@ def estimate(model, height: int, width: int, batch: int, guided: bool, slice_siz
     f = model.geometry.vae_factor
     tokens = (height // f) * (width // f)
     unet_bytes = _unet_step(unet, tokens, batch * (2 if guided else 1), element, scores)
-    decoder_bytes = min(slice_size, batch) * _decoder_image(vae, height, width, element, scores)
-    return MemoryEstimate(weights, unet_bytes, decoder_bytes)
+    if tile:
+        side = tile * f
+        per_image = _decoder_image(vae, min(side, height), min(side, width), element, scores) + 2 * 4 * 4 * height * width
+    else:
+        per_image = _decoder_image(vae, height, width, element, scores)
+    return MemoryEstimate(weights, unet_bytes, min(slice_size, batch) * per_image)
 
 
-def check_fits(model, height: int, width: int, batch: int, guided: bool, slice_size: int) -> MemoryEstimate:
-    """Refuse a run whose estimate exceeds the memory available, naming what would fit."""
-    need = estimate(model, height, width, batch, guided, slice_size)
+DEFAULT_TILE = 64  # latent pixels per decoder tile when tiling is needed
+
+
+def check_fits(pipeline, guided: bool) -> MemoryEstimate:
+    """Refuse a run whose estimate exceeds the memory available, naming what would fit; when only
+    the decoder is too large, decode in tiles (``pipeline.vae_tile_size``) instead."""
+    model, height, width, batch = pipeline.model, pipeline.height, pipeline.width, pipeline.n_samples
+    slice_size, tile = pipeline.vae_slice_size, pipeline.vae_tile_size
+    need = estimate(model, height, width, batch, guided, slice_size, tile)
     have = available_memory(model.device)
     if os.environ.get("LDM_MEMORY_CHECK", "1") == "0" or have is None:
         return need
+    if need.total > have and not tile:
+        tiled = estimate(model, height, width, batch, guided, 1, DEFAULT_TILE)
+        if tiled.total <= have:
+            logger.warning("decoding %dx%d images whole needs %s of %.1f GiB available: decoding one at a time in tiles "
+                           "of %d latent pixels (see docs/memory.md)", width, height, need.describe(), have / GIB, DEFAULT_TILE)
+            pipeline.vae_slice_size, pipeline.vae_tile_size = 1, DEFAULT_TILE
+            return tiled
     if need.total <= have:
         logger.info("memory: the run needs %s of %.1f GiB available", need.describe(), have / GIB)
         return need
     fits_batch = next((b for b in range(batch - 1, 0, -1)
-                       if estimate(model, height, width, b, guided, min(slice_size, b)).total <= have), None)
+                       if estimate(model, height, width, b, guided, 1, DEFAULT_TILE).total <= have), None)
     if fits_batch:
         hint = f"--n_samples {fits_batch} fits at {width}x{height}"
     else:
         m = model.geometry.multiple
         side = m
-        while side * 2 <= max(height, width) and estimate(model, side * 2, side * 2, 1, guided, 1).total <= have:
+        while side * 2 <= max(height, width) and estimate(model, side * 2, side * 2, 1, guided, 1, DEFAULT_TILE).total <= have:
             side *= 2
-        while estimate(model, side + m, side + m, 1, guided, 1).total <= have and side + m <= max(height, width):
+        while estimate(model, side + m, side + m, 1, guided, 1, DEFAULT_TILE).total <= have and side + m <= max(height, width):
             side += m
-        fits = estimate(model, side, side, 1, guided, 1).total <= have
+        fits = estimate(model, side, side, 1, guided, 1, DEFAULT_TILE).total <= have
         hint = f"the largest square image that fits at --n_samples 1 is {side}x{side}" if fits else "not even the smallest image fits"
     raise GenerationError(
         f"{width}x{height} at --n_samples {batch} needs {need.describe()} on {model.device.type}, but only "

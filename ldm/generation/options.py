@@ -21,8 +21,6 @@ from ldm.modules.attention import IMPLEMENTATIONS
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a red circle"
-# Per task: the original scripts' batch defaults (--n_samples, --n_iter).
-BATCH_DEFAULTS = {"txt2img": (3, 3), "img2img": (2, 1)}
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
@@ -30,8 +28,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     from ldm.generation.tasks import TASKS
 
     pipeline = TASKS[task]
-    p = argparse.ArgumentParser(prog=f"{task}.py", description=f"{pipeline.__doc__ or task} See docs/pipelines.md.")
-    n_samples, n_iter = BATCH_DEFAULTS.get(task, (1, 1))
+    p = argparse.ArgumentParser(prog=pipeline.script or f"{task}.py", description=f"{pipeline.__doc__ or task} See docs/pipelines.md.")
     p.add_argument("--prompt", type=str, nargs="?", default=None,
                    help=f"the prompt to render (default: {pipeline.default_prompt!r}; {DEMO_PROMPT!r} for the demo model)")
     pipeline.add_arguments(p)
@@ -43,17 +40,17 @@ def build_parser(task: str) -> argparse.ArgumentParser:
             samplers.add_argument(f"--{name}", action="store_true", help=f"use {SAMPLER_TITLES[name]} sampling")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
     p.add_argument("--ddim_eta", type=float_in(0.0), default=0.0, help="DDIM eta, 0.0 for deterministic sampling (default: %(default)s)")
-    p.add_argument("--n_iter", type=positive, default=n_iter, help="sample this often (default: %(default)s)")
+    p.add_argument("--n_iter", type=positive, default=1, help="sample this often (default: %(default)s)")
     p.add_argument("--C", type=positive, default=None, help="latent channels (default: the model's, 4 for SD2)")
     p.add_argument("--f", type=positive, default=None, help="autoencoder downsampling factor (default: the model's, 8 for SD2)")
-    p.add_argument("--n_samples", type=positive, default=n_samples, help="images per prompt batch, the batch size (default: %(default)s)")
+    p.add_argument("--n_samples", type=positive, default=1, help="images per prompt batch, the batch size (default: %(default)s)")
     p.add_argument("--n_rows", type=non_negative, default=0, help="images per row of the grid (default: 0, n_samples)")
     p.add_argument("--scale", type=finite, default=9.0,
                    help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) (default: %(default)s)")
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     p.add_argument("--repeat", type=positive, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
     p.add_argument("--config", type=str, default=None,
-                   help=f"model config (default: {SD2_CONFIG}, or the demo model when neither --config nor --ckpt is given)")
+                   help=f"model config (default: {pipeline.family_config}" + (", or the demo model when neither --config nor --ckpt is given)" if pipeline.family_config == str(SD2_CONFIG) else ")"))
     p.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
     p.add_argument("--seed", type=seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="evaluate at this precision (default: %(default)s)")
@@ -80,6 +77,10 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     bench.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
     bench.add_argument("--vae_slice_size", type=positive, default=None,
                        help=f"decode at most this many latents at a time (default: as many as make {VAE_SLICE_PIXELS // 2**20} Mpixel, at least 1)")
+    bench.add_argument("--vae_tile_size", type=positive, default=None,
+                       help="decode in overlapping tiles of this many latent pixels (default: whole images; tiles are "
+                            "chosen automatically when a whole image would not fit in memory)")
+    p.set_defaults(**pipeline.cli_defaults)
     return p
 
 

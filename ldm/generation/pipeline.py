@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.settings import SamplingSettings
+from ldm.generation.tiling import decode_tiled
 from ldm.models.diffusion.samplers import SAMPLERS, make_sampler
 from ldm.models.diffusion.sampling import make_ddim_timesteps
 
@@ -58,20 +60,34 @@ class Pipeline:
     """
 
     task: ClassVar[str]
+    script: ClassVar[str | None] = None  # the command's name, when not ``{task}.py``
     default_prompt: ClassVar[str]
+    families: ClassVar[tuple[str, ...]] = ("LatentDiffusion",)  # the model classes that serve the task
+    family_config: ClassVar[str] = "configs/stable-diffusion/v2-inference.yaml"
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)
     step_flags: ClassVar[tuple[str, ...]] = ("--steps",)  # the CLI's names for SamplingSettings.steps
+    cli_defaults: ClassVar[dict[str, Any]] = {}  # the original script's or demo's defaults, by flag destination
+    # The original's demos for some tasks draw the starting noise from np.random.RandomState(seed).
+    numpy_start_code: ClassVar[bool] = False
 
     def __init__(self, model: Model, sampling: SamplingSettings, n_samples: int = 1, vae_slice_size: int | None = None):
         self.model = model
         self.sampling = sampling
         self.n_samples = n_samples
         self.progress: Callable[[int, int], None] | None = None  # (steps done, steps in all), per step
+        self.crop: tuple[int, int] | None = None  # output height and width, when the input was padded
+        self.vae_tile_size: int | None = None  # decode in tiles of this many latent pixels (see ldm.generation.tiling)
+        if model.target not in self.families:
+            raise UsageError(
+                f"the {self.task} task needs a {' or '.join(self.families)} model (e.g. --config {self.family_config}); "
+                f"{model.files.config} describes a {model.target}"
+            )
         self._check_sampling()
         self.height, self.width = self.image_size()
         self.vae_slice_size = vae_slice_size or max(1, VAE_SLICE_PIXELS // (self.height * self.width))
         self._sampler: Any = None
         self.start_code: torch.Tensor | None = None
+        self._prng: np.random.RandomState | None = None
 
     # -- what a task defines ----------------------------------------------------------
     def image_size(self) -> tuple[int, int]:
@@ -86,8 +102,20 @@ class Pipeline:
 
     def start(self) -> None:
         """Draw the run's fixed random inputs; the caller seeds right before."""
+        self._prng = np.random.RandomState(self.sampling.seed) if self.numpy_start_code else None
+        self.start_code = self._noise(self.n_samples) if self.sampling.fixed_code else None
+
+    def _noise(self, batch_size: int) -> torch.Tensor | None:
+        """Starting latents: from the NumPy stream where the original's demo draws them so, else
+        None (the sampler draws them from torch's generator, as the original scripts)."""
+        if self.start_code is not None:
+            return self.start_code[:batch_size]
+        if self._prng is not None:
+            x = self._prng.randn(batch_size, *self.latent_shape)
+            return torch.from_numpy(x).to(device=self.model.device, dtype=torch.float32)
         if self.sampling.fixed_code:
-            self.start_code = torch.randn([self.n_samples, *self.latent_shape], device=self.model.device)
+            return torch.randn([batch_size, *self.latent_shape], device=self.model.device)
+        return None
 
     def sample(self, c: Any, uc: Any, batch_size: int, watch: FiniteWatch) -> torch.Tensor:
         """Latents for one batch: the sampler's full run from noise."""
@@ -95,8 +123,7 @@ class Pipeline:
         samples, _ = self.sampler.sample(
             S=s.steps, conditioning=c, batch_size=batch_size, shape=list(self.latent_shape), verbose=False,
             unconditional_guidance_scale=s.scale, unconditional_conditioning=uc, eta=s.eta,
-            x_T=None if self.start_code is None else self.start_code[:batch_size],
-            img_callback=watch, callback=self._step_done,
+            x_T=self._noise(batch_size), img_callback=watch, callback=self._step_done,
         )
         return samples
 
@@ -151,8 +178,14 @@ class Pipeline:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (not yet on the CPU), at most ``vae_slice_size`` latents per decoder call."""
         net = self.net
-        parts = [net.decode_first_stage(z[i : i + self.vae_slice_size]) for i in range(0, z.shape[0], self.vae_slice_size)]
-        return torch.clamp((torch.cat(parts) + 1.0) / 2.0, min=0.0, max=1.0)
+        decode = net.decode_first_stage
+        if self.vae_tile_size:
+            def decode(z_slice: torch.Tensor) -> torch.Tensor:
+                tile = self.vae_tile_size
+                return decode_tiled(net.decode_first_stage, z_slice, self.model.geometry.vae_factor, tile, tile // 4)
+        parts = [decode(z[i : i + self.vae_slice_size]) for i in range(0, z.shape[0], self.vae_slice_size)]
+        images = torch.clamp((torch.cat(parts) + 1.0) / 2.0, min=0.0, max=1.0)
+        return images if self.crop is None else images[:, :, : self.crop[0], : self.crop[1]]
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         watch = FiniteWatch(self.model.device)

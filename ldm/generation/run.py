@@ -158,6 +158,13 @@ def run(args, task: str) -> None:
     from ldm.generation.tasks import TASKS
 
     model_settings, sampling, output = settings_from_args(args)
+    task_class = TASKS[task]
+    if model_settings.config is None and Path(task_class.family_config) != SD2_CONFIG:
+        # Another family: its own config by default, and no demo model to fall back on.
+        config = Path(task_class.family_config)
+        model_settings.config = config if config.exists() else REPO_ROOT / config
+        if model_settings.ckpt is None and not model_settings.random_weights:
+            raise GenerationError(f"--ckpt is required for {task}: pass its checkpoint (with --config {task_class.family_config})")
     model = Model(model_settings)
     if model.files.demo:
         print(
@@ -165,11 +172,12 @@ def run(args, task: str) -> None:
             f"--config {SD2_CONFIG} --ckpt PATH/TO/v2-1_512-ema-pruned.ckpt"
         )
     check_latent_flags(args, model.geometry)
-    pipeline = TASKS[task].from_args(model, sampling, output.n_samples, output.vae_slice_size, args)
+    pipeline = task_class.from_args(model, sampling, output.n_samples, output.vae_slice_size, args)
     default_prompt = DEMO_PROMPT if model.files.demo else pipeline.default_prompt
     batches = read_prompts(args.prompt, args.from_file, output.n_samples, default_prompt, args.repeat)
     check_output_paths(output)
-    check_fits(model, pipeline.height, pipeline.width, output.n_samples, sampling.scale != 1.0, pipeline.vae_slice_size)
+    pipeline.vae_tile_size = args.vae_tile_size
+    check_fits(pipeline, guided=sampling.scale != 1.0)
     if hasattr(pipeline, "t_enc"):
         logger.info("%s: the init image is noised by %d of %d steps, then denoised", task, pipeline.t_enc, sampling.steps)
     writer = ImageWriter(output.outdir, Watermarker(output.watermark), image_metadata(pipeline))

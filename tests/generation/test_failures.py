@@ -21,7 +21,8 @@ from ldm.generation import main, memory
 from ldm.generation.errors import GenerationError
 from ldm.generation.model import Model
 from ldm.generation.pipeline import Pipeline
-from ldm.generation.settings import ModelSettings
+from ldm.generation.settings import ModelSettings, SamplingSettings
+from ldm.generation.tasks import Txt2ImgPipeline
 
 FAST = ["--H", "64", "--W", "64", "--steps", "2", "--n_samples", "1", "--n_iter", "1", "--precision", "full"]
 
@@ -88,11 +89,25 @@ def test_impossible_size_is_refused_in_seconds(tiny_files, tmp_path, capsys):
 
 def test_estimate_names_a_batch_that_fits(tiny_files, monkeypatch):
     model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu", precision="full"))
-    one, four = (memory.estimate(model, 256, 256, b, True, b) for b in (1, 4))
+    monkeypatch.setattr(memory, "DEFAULT_TILE", 8)  # small tiles: the UNet's activations decide
+    one, four = (memory.estimate(model, 256, 256, b, True, 1, 8) for b in (1, 4))
     assert one.total < four.total and four.unet > 3 * one.unet  # activations grow with the batch; weights do not
     monkeypatch.setattr(memory, "available_memory", lambda device: (one.total + four.total) // 2)
+    pipeline = Txt2ImgPipeline(model, SamplingSettings(), n_samples=4, height=256, width=256, vae_slice_size=4)
     with pytest.raises(GenerationError, match=r"--n_samples [1-3] fits at 256x256"):
-        memory.check_fits(model, 256, 256, 4, True, 4)
+        memory.check_fits(pipeline, guided=True)
+
+
+def test_decoder_too_large_for_memory_decodes_in_tiles(tiny_files, monkeypatch):
+    model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu", precision="full"))
+    whole = memory.estimate(model, 1024, 1024, 1, True, 1)
+    tiled = memory.estimate(model, 1024, 1024, 1, True, 1, 16)
+    assert tiled.decoder < whole.decoder / 4
+    monkeypatch.setattr(memory, "available_memory", lambda device: (whole.total + tiled.total) // 2)
+    monkeypatch.setattr(memory, "DEFAULT_TILE", 16)
+    pipeline = Txt2ImgPipeline(model, SamplingSettings(), height=1024, width=1024)
+    memory.check_fits(pipeline, guided=True)
+    assert (pipeline.vae_tile_size, pipeline.vae_slice_size) == (16, 1)
 
 
 def test_vanilla_attention_needs_the_score_matrix(tiny_files):

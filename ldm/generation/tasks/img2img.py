@@ -18,10 +18,13 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
 class Img2ImgPipeline(Pipeline):
+    """Image to image with Stable Diffusion 2: noise the init image, then denoise it under the prompt."""
+
     task = "img2img"
     default_prompt = "a painting of a virus monster playing guitar"
     samplers = ("ddim",)
     step_flags = ("--steps", "--ddim_steps")  # the original img2img's name kept as an alias
+    cli_defaults = {"n_samples": 2, "n_iter": 1}
     image_flag = "--init-img"
 
     def __init__(self, model: Model, sampling: SamplingSettings, init_image: str | Path | torch.Tensor,

@@ -26,8 +26,11 @@ def checked_side(flag: str, side: int, model: Model) -> int:
 
 
 class Txt2ImgPipeline(Pipeline):
+    """Text to image with Stable Diffusion 2."""
+
     task = "txt2img"
     default_prompt = "a professional photograph of an astronaut riding a triceratops"
+    cli_defaults = {"n_samples": 3, "n_iter": 3}
 
     def __init__(self, model: Model, sampling: SamplingSettings, n_samples: int = 1, height: int | None = None,
                  width: int | None = None, vae_slice_size: int | None = None):
