@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ldm.loading import load_config
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -29,16 +29,12 @@ def load_first_stage(model: LatentDiffusion, path: str | os.PathLike) -> None:
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = model.first_stage_model.state_dict()
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
+    try:
+        apply_state_dict(model.first_stage_model, state)
+    except CheckpointError as e:
         raise CheckpointError(
-            f"{path} does not fit the config's first_stage_config (missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]}, shape mismatches {sorted(shapes)[:4]}): "
-            "was the autoencoder trained with another config?"
-        )
-    model.first_stage_model.load_state_dict(state)
+            f"{path} does not fit the config's first_stage_config (was the autoencoder trained with another config?): {e}"
+        ) from None
 
 
 class LatentDiffusionTrainer(pl.LightningModule):
