@@ -21,6 +21,9 @@ from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
+TRAINER_STATE_KEY = "ldm_diffusion_trainer_state"
+"""Checkpoint entry holding the trainer's own state: caption-dropout generator and caches."""
+
 
 def load_first_stage(model: LatentDiffusion, path: str | os.PathLike) -> None:
     """Fill ``model.first_stage_model`` strictly from an autoencoder checkpoint (bare
@@ -84,10 +87,32 @@ class LatentDiffusionTrainer(pl.LightningModule):
         self.image_key, self.caption_key = image_key, caption_key
         self._context_cache: dict[str, torch.Tensor] = {}
         self._posterior_cache: dict[int, torch.Tensor] = {}
-        self._caption_rng = random.Random(0)
+        self._caption_rng: random.Random | None = None
 
     def on_fit_start(self) -> None:
-        self._caption_rng = random.Random(torch.initial_seed())
+        if self._caption_rng is None:  # a resumed run has it from its checkpoint already
+            self._caption_rng = random.Random(torch.initial_seed())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save what a resumed run needs to continue exactly: the caption-dropout generator, and
+        the caches, as recomputing an entry in another batch may round differently."""
+        indices = sorted(self._posterior_cache)
+        checkpoint[TRAINER_STATE_KEY] = {
+            "caption_rng": self._caption_rng.getstate(),
+            "contexts": dict(self._context_cache),
+            "posterior_indices": torch.tensor(indices, dtype=torch.long),
+            "posteriors": torch.stack([self._posterior_cache[i] for i in indices]) if indices else torch.empty(0),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(TRAINER_STATE_KEY)
+        if state is None:
+            logger.warning("the checkpoint predates exact resumption: caption dropout restarts its random stream")
+            return
+        self._caption_rng = random.Random()
+        self._caption_rng.setstate(state["caption_rng"])
+        self._context_cache = dict(state["contexts"])
+        self._posterior_cache = dict(zip(state["posterior_indices"].tolist(), state["posteriors"]))
 
     def train(self, mode: bool = True) -> "LatentDiffusionTrainer":
         """Only the UNet trains; the autoencoder and the text encoder stay in eval mode."""
@@ -119,7 +144,7 @@ class LatentDiffusionTrainer(pl.LightningModule):
             params = self.model.encode_first_stage(images[todo]).parameters
             for n, p in zip(todo, params):
                 self._posterior_cache[indices[n]] = p
-        params = torch.stack([self._posterior_cache[i] for i in indices])
+        params = torch.stack([self._posterior_cache[i] for i in indices]).to(images.device)
         return self.model.get_first_stage_encoding(DiagonalGaussianDistribution(params))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
