@@ -8,8 +8,9 @@ and its params), ``data`` (a dataset, ``batch_size``, ``num_workers``), ``lightn
 Several ``--base`` files are merged in order; trailing ``key=value`` arguments override
 them (``lightning.trainer.max_steps=100``). The run writes into ``--logdir``: the merged
 config, ``checkpoints/last.ckpt`` (atomic), CSV loss logs and, at the end, the exported
-weights ``model.safetensors``. ``--resume`` continues from ``checkpoints/last.ckpt``.
-See docs/training.md.
+weights ``model.safetensors``. ``--resume`` continues from ``checkpoints/last.ckpt``, exactly
+where it was taken. On SIGTERM the run saves ``last.ckpt`` after the current step and exits
+with status 143. See docs/training.md.
 """
 
 from __future__ import annotations

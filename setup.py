@@ -15,7 +15,7 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "pillow",
-        "pytorch-lightning>=2.0",
+        "pytorch-lightning>=2.6",  # Trainer.fit(weights_only=...), resumable loaders
         "matplotlib",
     ],
     extras_require={

@@ -9,6 +9,7 @@ run the same code on the same CPU with one thread, so they agree bit for bit (to
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -24,6 +25,7 @@ import main
 from conftest import tiny_config
 from ldm.checkpoint import load_state_dict
 from ldm.training.callbacks import AtomicCheckpoint
+from ldm.training.diffusion import LatentDiffusionTrainer
 
 # 12 samples in batches of 4: 3 steps an epoch, steps 1-3 in epoch 0, 4-6 in epoch 1, 7-8 in epoch 2.
 STEPS = 8
@@ -163,3 +165,12 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(forkser
     assert not list((logdir / "checkpoints").glob("*.tmp")), "temporary files left behind"
     assert train(forkserver, logdir, cadence, "--resume") == 0, (logdir.parent / f"{case}.log").read_text()
     assert_same_run(logdir, uninterrupted)
+
+
+def test_a_checkpoint_from_before_exact_resumption_still_resumes(caplog):
+    module = LatentDiffusionTrainer(tiny_config().model, ucg_rate=0.5)
+    with caplog.at_level(logging.WARNING, logger="ldm.training.diffusion"):
+        module.on_load_checkpoint({"state_dict": {}})  # no trainer state in it
+    assert "predates exact resumption" in caplog.text
+    module.on_fit_start()
+    assert len(module.drop_captions(["a red circle", "a blue square"])) == 2
