@@ -123,7 +123,7 @@ def test_pixels_match_the_original_scripts_loop(runs, tiny_files):
                                   unconditional_guidance_scale=9.0, unconditional_conditioning=uc, eta=0.0, x_T=None)
             x = torch.clamp((model.decode_first_stage(z) + 1.0) / 2.0, min=0.0, max=1.0)
             expected += [(255.0 * s.cpu().numpy().transpose(1, 2, 0)).astype(np.uint8) for s in x]
-    for path, want in zip(samples(runs["plain"]), expected):
+    for path, want in zip(samples(runs["plain"]), expected):  # this package's code on both sides: bit for bit
         np.testing.assert_array_equal(pixels(path), want)
 
 
