@@ -1,8 +1,10 @@
-"""scripts/webui.py on the tiny model: a real Chromium drives the page (type, generate, read the
-image's pixels; a refused input shows its message), gradio_client calls every endpoint (images equal
-to the scripts' for the same seed, with the same PNG metadata), 8 requests at once all complete,
-a full queue and bad inputs are messages and the server keeps serving, and the command line starts
-a server on 127.0.0.1 (the demo model without --config/--ckpt)."""
+"""scripts/webui.py on the tiny model, served on 127.0.0.1 and a free port. A real Chromium drives
+the page: it types a prompt, clicks Generate, sees the progress and reads the image's pixels; it
+paints an inpainting mask; it sees a refused input's message; the page asks nothing of other
+hosts. gradio_client calls every endpoint: the same images, PNG file and metadata as the scripts
+for the same seed, progress per sampler step. 8 requests at once all complete. A full queue and
+bad inputs are messages, and the server keeps serving. The command line starts a server on
+127.0.0.1, the demo model without --config/--ckpt."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from ldm.generation.options import model_settings_from_args
 from ldm.generation.tasks import TASKS, Img2ImgPipeline
 
 gr = pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[webui]'")
-gradio_client = pytest.importorskip("gradio_client", reason="the web UI tests need gradio_client: pip install -e '.[test]'")
+pytest.importorskip("gradio_client", reason="the web UI tests need gradio_client: pip install -e '.[test]'")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
