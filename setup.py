@@ -19,7 +19,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30"],
+        # The web UI (scripts/webui.py); its tests drive it with gradio_client and Playwright (the
+        # browser itself is the system's Chromium: apt-get install chromium).
+        "webui": ["gradio>=6,<7", "gradio_client>=2"],
+        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright"],
         "xformers": ["xformers"],
         "watermark": ["invisible-watermark"],
     },

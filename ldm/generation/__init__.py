@@ -6,6 +6,7 @@
 * tasks: one pipeline module per task (txt2img, img2img, ...), ``TASKS`` by name;
 * options, run: the command line (flags into settings) and the timed run with ``main``;
 * images, memory: image files, and the memory estimate that refuses impossible runs early.
+* serving: a loaded model serving many requests, the tasks its family serves (the web UI's).
 
 Bad input ends a run before anything is written, with one ``error:`` line and exit status 2 (a
 flag's value) or 1 (a file, the model, the platform). See docs/pipelines.md.

@@ -49,10 +49,29 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) (default: %(default)s)")
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     p.add_argument("--repeat", type=positive, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
-    p.add_argument("--config", type=str, default=None,
-                   help=f"model config (default: {pipeline.family_config}" + (", or the demo model when neither --config nor --ckpt is given)" if pipeline.family_config == str(SD2_CONFIG) else ")"))
-    p.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
     p.add_argument("--seed", type=seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
+    bench = add_model_arguments(p, pipeline.family_config)
+    bench.add_argument("--skip_first", action="store_true",
+                       help="run one warm-up batch of each batch size first, neither timed nor saved")
+    bench.add_argument("--time_file", type=str, default=None,
+                       help="write the seconds of the timed iterations (sampling + decoding) to this file")
+    bench.add_argument("--stats_file", type=str, default=None, help="write timing, memory and settings as JSON to this file")
+    bench.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
+    bench.add_argument("--vae_slice_size", type=positive, default=None,
+                       help=f"decode at most this many latents at a time (default: as many as make {VAE_SLICE_PIXELS // 2**20} Mpixel, at least 1)")
+    bench.add_argument("--vae_tile_size", type=positive, default=None,
+                       help="decode in overlapping tiles of this many latent pixels (default: whole images; tiles are "
+                            "chosen automatically when a whole image would not fit in memory)")
+    p.set_defaults(**pipeline.cli_defaults)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD2_CONFIG)) -> argparse._ArgumentGroup:
+    """The flags that choose the model and how it computes, shared by the scripts and the web UI;
+    returns the "speed and benchmarking" group, for a program's own speed flags."""
+    p.add_argument("--config", type=str, default=None,
+                   help=f"model config (default: {default_config}" + (", or the demo model when neither --config nor --ckpt is given)" if default_config == str(SD2_CONFIG) else ")"))
+    p.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="evaluate at this precision (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on (default: %(default)s)")
@@ -67,32 +86,25 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="compile the UNet with torch.compile")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
-    bench.add_argument("--skip_first", action="store_true",
-                       help="run one warm-up batch of each batch size first, neither timed nor saved")
-    bench.add_argument("--time_file", type=str, default=None,
-                       help="write the seconds of the timed iterations (sampling + decoding) to this file")
-    bench.add_argument("--stats_file", type=str, default=None, help="write timing, memory and settings as JSON to this file")
     bench.add_argument("--random_weights", action="store_true",
                        help="random weights instead of --ckpt (timing only: the images are noise)")
-    bench.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
-    bench.add_argument("--vae_slice_size", type=positive, default=None,
-                       help=f"decode at most this many latents at a time (default: as many as make {VAE_SLICE_PIXELS // 2**20} Mpixel, at least 1)")
-    bench.add_argument("--vae_tile_size", type=positive, default=None,
-                       help="decode in overlapping tiles of this many latent pixels (default: whole images; tiles are "
-                            "chosen automatically when a whole image would not fit in memory)")
-    p.set_defaults(**pipeline.cli_defaults)
-    return p
+    return bench
 
 
-def settings_from_args(args: argparse.Namespace) -> tuple[ModelSettings, SamplingSettings, OutputSettings]:
-    """The typed settings the flags describe."""
-    sampler = next((name for name in SAMPLER_TITLES if getattr(args, name, False)), "ddim")
-    model = ModelSettings(
+def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
+    """The model settings of the flags :func:`add_model_arguments` adds."""
+    return ModelSettings(
         config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
         compile_mode=args.compile_mode,
     )
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[ModelSettings, SamplingSettings, OutputSettings]:
+    """The typed settings the flags describe."""
+    sampler = next((name for name in SAMPLER_TITLES if getattr(args, name, False)), "ddim")
+    model = model_settings_from_args(args)
     sampling = SamplingSettings(sampler, args.steps, args.ddim_eta, args.scale, args.seed, args.fixed_code)
     output = OutputSettings(
         outdir=args.outdir, n_samples=args.n_samples, n_iter=args.n_iter, n_rows=args.n_rows, skip_first=args.skip_first,

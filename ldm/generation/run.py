@@ -38,6 +38,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def inference(model: Model) -> Iterator[torch.nn.Module]:
+    """The contexts every generation runs in (no gradients, the SDPA backends, the EMA weights),
+    with the model loaded; the caller enters the precision context (per phase, in :func:`generate`)."""
+    net = model.load()
+    with torch.no_grad(), model.backends(), net.ema_scope():
+        yield net
+
+
+def render(pipeline: Pipeline, prompts: list[str]) -> torch.Tensor:
+    """One seeded batch, the images the first batch of :func:`generate` gives for the same settings."""
+    with inference(pipeline.model), pipeline.model.precision():
+        seed_everything(pipeline.sampling.seed)
+        pipeline.start()
+        return pipeline(prompts)
+
+
 @dataclass
 class Timing:
     seconds: float = 0.0
@@ -53,10 +70,9 @@ def generate(pipeline: Pipeline, batches: list[list[str]], output: OutputSetting
     The images depend on the seed only, not on the warm-up or on how the model was loaded.
     """
     model, device, seed = pipeline.model, pipeline.model.device, pipeline.sampling.seed
-    net = model.load()
     timing = Timing()
     grid_images: list[np.ndarray] = []
-    with torch.no_grad(), model.backends(), net.ema_scope():
+    with inference(model):
         if output.skip_first:
             seed_everything(seed)
             sizes = {len(p): p for p in batches}  # one batch of each size: what compilation needs
@@ -258,6 +274,12 @@ def cli_logging() -> Iterator[None]:
         package.setLevel(old_package)
 
 
+def report_error(prog: str, error: UsageError | GenerationError) -> int:
+    """Print ``error`` as one ``error:`` line; its exit status: 2 for a flag's value, 1 otherwise."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
+
+
 def main(argv: Sequence[str] | None = None, task: str = "txt2img") -> int:
     """The command line of ``task`` (a name in ``ldm.generation.tasks.TASKS``); returns the exit status."""
     parser = build_parser(task)
@@ -268,12 +290,8 @@ def main(argv: Sequence[str] | None = None, task: str = "txt2img") -> int:
     with cli_logging(), sigterm_as_exception():
         try:
             run(args, task)
-        except UsageError as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr)
-            return 2
-        except GenerationError as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr)
-            return 1
+        except (UsageError, GenerationError) as e:
+            return report_error(parser.prog, e)
         except KeyboardInterrupt:
             print(f"{parser.prog}: interrupted (images written so far are complete)", file=sys.stderr)
             return 130

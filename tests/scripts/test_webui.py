@@ -1,0 +1,432 @@
+"""scripts/webui.py on the tiny model, served on 127.0.0.1 and a free port. A real Chromium drives
+the page: it types a prompt, clicks Generate, sees the progress and reads the image's pixels; it
+paints an inpainting mask; it sees a refused input's message; the page asks nothing of other
+hosts. gradio_client calls every endpoint: the same images, PNG file and metadata as the scripts
+for the same seed, progress per sampler step. 8 requests at once all complete. A full queue and
+bad inputs are messages, and the server keeps serving. The command line starts a server on
+127.0.0.1, the demo model without --config/--ckpt."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, load_script
+from ldm.generation import main, pipeline, serving
+from ldm.generation.errors import GenerationError
+from ldm.generation.model import Model
+from ldm.generation.options import model_settings_from_args
+from ldm.generation.tasks import TASKS, Img2ImgPipeline
+
+gr = pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[webui]'")
+pytest.importorskip("gradio_client", reason="the web UI tests need gradio_client: pip install -e '.[test]'")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+webui = load_script("scripts/webui.py")
+SIZE = 64  # the tiny model's images
+FAST = {"steps": 2, "scale": 9.0}
+QUEUE_SIZE = 8
+BROWSER_ENV = "LDM_CHROMIUM"  # a Chromium or Chrome executable for the browser test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(tiny_files, outdir: Path, *flags: str) -> SimpleNamespace:
+    """A web UI on the tiny model, in this process, on 127.0.0.1 and a free port."""
+    model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--device", "cpu", "--precision", "full"]
+    args = webui.build_parser().parse_args([*model, "--port", str(free_port()), "--queue_size", str(QUEUE_SIZE),
+                                            "--outdir", str(outdir), *flags])
+    app = webui.build_app(args)
+    webui.launch(app, args)
+    return SimpleNamespace(app=app, url=app.local_url, args=args)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_files, tmp_path_factory):
+    ui = start(tiny_files, tmp_path_factory.mktemp("webui-out"))
+    try:
+        yield ui
+    finally:
+        ui.app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server.url, verbose=False, download_files=True)
+
+
+def png(path: str | Path) -> tuple[np.ndarray, dict[str, str]]:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")), dict(image.text)
+
+
+def script_samples(task: str, outdir: Path, tiny_files, *flags: str) -> list[Path]:
+    """The PNG files scripts/<task>.py writes for these flags."""
+    model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--precision", "full"]
+    assert main([*model, "--outdir", str(outdir), "--n_iter", "1", "--steps", "2", *flags], task) == 0
+    return sorted((outdir / "samples").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def init_image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("webui") / "init.png"
+    Image.fromarray((np.random.RandomState(0).rand(SIZE, SIZE, 3) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+# -- the page in a real browser ----------------------------------------------------------------
+
+def chromium() -> str:
+    """The browser for Playwright: $LDM_CHROMIUM, else chromium (Debian) or Chrome on the PATH."""
+    candidates = [os.environ.get(BROWSER_ENV), *map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))]
+    found = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+    if found is None:
+        pytest.skip(f"no Chromium to drive: install one (apt-get install -y chromium) or set {BROWSER_ENV}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install -e '.[test]'")
+    executable = chromium()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = open_page(browser, server.url)
+    yield page
+    page.close()
+
+
+def slow_steps(monkeypatch, seconds: float) -> None:
+    """Each sampler step takes ``seconds`` longer, so that its progress can be watched."""
+    step_done = pipeline.Pipeline._step_done
+
+    def slow(self, i: int) -> None:
+        step_done(self, i)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(pipeline.Pipeline, "_step_done", slow)
+
+
+def test_browser_types_a_prompt_generates_and_shows_the_image(page, monkeypatch):
+    slow_steps(monkeypatch, 0.1)
+    page.locator("#txt2img-prompt textarea").fill("a red circle")
+    page.locator("#txt2img-generate").click()
+    page.get_by_text(re.compile(r"Sampling")).first.wait_for()  # the progress, while it samples
+    shown = page.locator("#txt2img-images img").first
+    shown.wait_for()
+    response = page.request.get(shown.get_attribute("src"))
+    assert response.ok
+    image = Image.open(io.BytesIO(response.body()))
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (SIZE, SIZE, 3)
+    assert pixels.std() > 1.0  # not blank
+    assert image.text["prompt"] == "a red circle" and image.text["software"] == "ldm-sd2 txt2img"
+    assert image.text["seed"] in page.locator("#txt2img-settings").inner_text()
+
+
+def test_page_asks_nothing_of_other_hosts(browser, server):
+    page = browser.new_page()
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    page.goto(server.url, wait_until="networkidle")
+    page.close()
+    assert urls and all(url.startswith((server.url, "data:", "blob:")) for url in urls), [u for u in urls if not u.startswith(server.url)]
+
+
+def test_browser_shows_a_refused_input_as_a_message(page):
+    page.locator("#txt2img-prompt textarea").fill("")
+    page.locator("#txt2img-generate").click()
+    page.get_by_text("Enter a prompt.").first.wait_for(state="visible")
+
+
+# -- the API -----------------------------------------------------------------------------------
+
+def test_every_served_task_is_an_endpoint_of_its_name_with_defaults(client, server):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(api) == {"/txt2img", "/img2img"}  # the tiny model is a base model: no inpaint tab
+    for name, endpoint in api.items():
+        parameters = endpoint["parameters"]
+        assert parameters[0]["parameter_name"] == "prompt"
+        assert all(p["parameter_has_default"] for p in parameters[1:]), name
+    names = {p["parameter_name"] for p in api["/img2img"]["parameters"]}
+    assert {"prompt", "image", "seed", "steps", "scale", "n_samples", "strength"} <= names
+
+
+def test_txt2img_endpoint_gives_the_scripts_images_and_metadata(client, tiny_files, tmp_path):
+    gallery, settings = client.predict(prompt="a red circle", seed=7, n_samples=2, api_name="/txt2img", **FAST)
+    expected = script_samples("txt2img", tmp_path, tiny_files, "--prompt", "a red circle", "--seed", "7", "--n_samples", "2")
+    assert len(gallery) == len(expected) == 2
+    for item, path in zip(gallery, expected):
+        (served, served_text), (pixels, text) = png(item["image"]), png(path)
+        assert served.shape == (SIZE, SIZE, 3)
+        np.testing.assert_array_equal(served, pixels)
+        assert served_text == text  # seed, settings, prompt, batch index: what the script writes
+        assert Path(item["image"]).read_bytes() == path.read_bytes()  # the very same file
+        assert item["caption"] == f"{Path(item['image']).name}, seed 7"  # the file name on the server
+    assert settings["seed"] == "7" and settings["size"] == f"{SIZE}x{SIZE}"
+
+
+def test_txt2img_endpoint_defaults_and_random_seed(client):
+    gallery, settings = client.predict(prompt="a red circle", steps=2, api_name="/txt2img")
+    assert len(gallery) == 1 and 0 <= int(settings["seed"]) < 2**32
+    assert settings["steps"] == "2" and settings["scale"] == "9.0" and settings["size"] == f"{SIZE}x{SIZE}"
+
+
+def test_img2img_endpoint_gives_the_scripts_images_and_metadata(client, tiny_files, init_image, tmp_path):
+    gallery, settings = client.predict(prompt="a green square", image=handle_file(str(init_image)), seed=3, strength=0.5,
+                                       api_name="/img2img", **FAST)
+    expected = script_samples("img2img", tmp_path, tiny_files, "--prompt", "a green square", "--init-img", str(init_image),
+                              "--seed", "3", "--strength", "0.5", "--n_samples", "1")
+    assert Path(gallery[0]["image"]).read_bytes() == expected[0].read_bytes()
+    assert settings["strength"] == "0.5" and settings["init_image"] == init_image.name
+
+
+def test_eight_concurrent_requests_all_complete_with_their_own_images(client):
+    seeds = [11, 12] * 4
+    jobs = [client.submit(prompt="a blue triangle", seed=seed, api_name="/txt2img", **FAST) for seed in seeds]
+    results = [job.result(timeout=600) for job in jobs]
+    assert [r[1]["seed"] for r in results] == [str(s) for s in seeds]
+    first = {seed: png(result[0][0]["image"])[0] for seed, result in zip(seeds[:2], results[:2])}
+    assert not np.array_equal(first[11], first[12])
+    for seed, result in zip(seeds, results):  # one at a time: no request changed another's images
+        np.testing.assert_array_equal(png(result[0][0]["image"])[0], first[seed])
+
+
+def test_progress_reports_the_sampler_steps(client, monkeypatch):
+    slow_steps(monkeypatch, 0.2)
+    job = client.submit(prompt="a red circle", steps=4, api_name="/txt2img")
+    seen = set()
+    while not job.done():
+        seen |= {(unit.index, unit.length, unit.desc) for unit in job.status().progress_data or []}
+        time.sleep(0.05)
+    job.result(timeout=60)
+    assert {(done, 4, "Sampling") for done in range(1, 5)} & seen, seen
+
+
+# -- refusals: messages, and the server keeps serving ------------------------------------------
+
+def refused(client: Client, **inputs) -> str:
+    with pytest.raises(AppError) as e:
+        client.predict(**inputs)
+    return str(e.value)
+
+
+def test_bad_inputs_are_messages(client, tmp_path, monkeypatch):
+    assert "Enter a prompt" in refused(client, prompt="  ", api_name="/txt2img", **FAST)
+    assert "multiples of 16" in refused(client, prompt="a red circle", height=56, api_name="/txt2img", **FAST)
+    assert "Upload an image" in refused(client, prompt="a red circle", api_name="/img2img", **FAST)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (8, 8)).save(small)
+    assert "too small" in refused(client, prompt="a red circle", image=handle_file(str(small)), api_name="/img2img", **FAST)
+    assert "greater than maximum value 4" in refused(client, prompt="a red circle", n_samples=9, api_name="/txt2img", **FAST)
+
+    def nan_latents(self, c, uc, batch_size, watch):
+        return torch.full((batch_size, *self.latent_shape), float("nan"))
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.Pipeline, "sample", nan_latents)
+        assert "NaN or inf" in refused(client, prompt="a red circle", api_name="/txt2img", **FAST)
+    with monkeypatch.context() as m:
+        m.setenv("LDM_MEMORY_CHECK", "1")
+        m.setattr("ldm.generation.memory.available_memory", lambda device: 1024)
+        assert "GiB is available" in refused(client, prompt="a red circle", api_name="/txt2img", **FAST)
+    gallery, _ = client.predict(prompt="a red circle", api_name="/txt2img", **FAST)  # still serving
+    assert len(gallery) == 1
+
+
+def test_a_full_queue_is_a_clear_message(client, monkeypatch):
+    release = threading.Event()
+    render = serving.render
+
+    def held(pipeline, prompts):
+        release.wait(timeout=300)
+        return render(pipeline, prompts)
+
+    monkeypatch.setattr(serving, "render", held)
+    request = {"prompt": "a red circle", "api_name": "/txt2img", **FAST}
+    running = client.submit(**request)
+    waiting = []
+    try:
+        wait_for(lambda: running.status().code.name == "PROCESSING")
+        for _ in range(QUEUE_SIZE):
+            waiting.append(client.submit(**request))
+            wait_for(lambda: waiting[-1].status().code.name in ("IN_QUEUE", "QUEUE_FULL"))
+        with pytest.raises(Exception, match="Queue is full"):
+            client.submit(**request).result(timeout=60)
+    finally:
+        release.set()
+    assert all(len(job.result(timeout=600)[0]) == 1 for job in [running, *waiting])
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# -- the inpaint tab, on a stand-in pipeline until the real one lands ---------------------------
+
+def test_editor_value_gives_the_image_and_the_painted_mask():
+    background = Image.new("RGBA", (32, 16), "blue")
+    layer = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 150), (4, 4, 10, 8))
+    image, mask = webui.editor_image_and_mask({"background": background, "layers": [layer], "composite": None})
+    assert image.mode == "RGB" and image.size == mask.size == (32, 16)
+    assert mask.getbbox() == (4, 4, 10, 8) and set(np.unique(np.asarray(mask))) == {0, 255}
+    with pytest.raises(gr.Error, match="Upload an image"):
+        webui.editor_image_and_mask({"background": None, "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="mask is empty"):
+        webui.editor_image_and_mask({"background": background, "layers": [], "composite": None})
+
+
+class StandInInpaint(Img2ImgPipeline):
+    """img2img under the name inpaint, taking an image and a mask: the inpaint tab's wiring, tested
+    until the real pipeline lands. It keeps the masks it is given."""
+
+    task = "inpaint"
+    masks: list[np.ndarray] = []
+
+    def __init__(self, model, sampling, image, mask, n_samples=1, vae_slice_size=None):
+        with Image.open(mask) as m:
+            StandInInpaint.masks.append(np.asarray(m.convert("L")))
+        super().__init__(model, sampling, image, 0.5, n_samples, vae_slice_size)
+
+
+@contextlib.contextmanager
+def inpaint_ui(tiny_files, outdir: Path) -> Iterator[SimpleNamespace]:
+    """A web UI whose base model also serves the stand-in inpaint task."""
+    StandInInpaint.masks.clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(TASKS, "inpaint", StandInInpaint)
+        m.setitem(serving.FAMILY_TASKS, "LatentDiffusion", ("txt2img", "img2img", "inpaint"))
+        ui = start(tiny_files, outdir)
+        try:
+            yield ui
+        finally:
+            ui.app.close()
+
+
+def test_inpaint_endpoint_takes_an_image_and_a_mask_and_checks_the_mask(tiny_files, init_image, tmp_path):
+    with inpaint_ui(tiny_files, tmp_path / "out") as ui:
+        client = Client(ui.url, verbose=False)
+        assert "/inpaint" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        image, mask = handle_file(str(init_image)), tmp_path / "mask.png"
+        Image.new("L", (SIZE, SIZE), 0).save(mask)
+        assert "black everywhere" in refused(client, prompt="a red circle", image=image, mask=handle_file(str(mask)),
+                                             api_name="/inpaint", **FAST)
+        Image.new("L", (SIZE, SIZE // 2), 255).save(mask)
+        assert "same size" in refused(client, prompt="a red circle", image=image, mask=handle_file(str(mask)),
+                                      api_name="/inpaint", **FAST)
+        assert "needs an image and a mask" in refused(client, prompt="a red circle", image=image, api_name="/inpaint", **FAST)
+        Image.new("L", (SIZE, SIZE), 255).save(mask)
+        gallery, settings = client.predict(prompt="a red circle", image=image, mask=handle_file(str(mask)), seed=5,
+                                           api_name="/inpaint", **FAST)
+        assert len(gallery) == 1 and settings["software"] == "ldm-sd2 inpaint" and settings["seed"] == "5"
+        assert StandInInpaint.masks[-1].min() == 255
+
+
+def test_browser_paints_a_mask_in_the_page_and_inpaints(browser, tiny_files, init_image, tmp_path):
+    with inpaint_ui(tiny_files, tmp_path / "out") as ui:
+        page = open_page(browser, ui.url)
+        page.get_by_role("tab", name="Inpaint").click()
+        page.locator("#inpaint-prompt textarea").fill("a red circle")
+        page.locator("#inpaint-editor input[type=file]").first.set_input_files(init_image)
+        canvas = page.locator("#inpaint-editor canvas").first
+        canvas.wait_for()
+        page.wait_for_timeout(1000)  # the image settles into the canvas
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 0.45 * box["width"], box["y"] + 0.45 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.55 * box["width"], box["y"] + 0.55 * box["height"], steps=10)
+        page.mouse.up()
+        page.locator("#inpaint-generate").click()
+        page.locator("#inpaint-images img").first.wait_for()
+        page.close()
+    (mask,) = StandInInpaint.masks
+    assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) == {0, 255}
+    assert 0.0 < (mask > 0).mean() < 0.5  # the stroke, not the whole image
+
+
+def test_served_tasks_follow_the_model_family():
+    inpaint = ["inpaint"] if "inpaint" in TASKS else []  # once its pipeline lands
+    for target, tasks in [("LatentDiffusion", ["txt2img", "img2img"]), ("LatentInpaintDiffusion", inpaint), ("Unknown", [])]:
+        assert serving.served_tasks(SimpleNamespace(target=target)) == tasks
+
+
+def test_a_model_with_no_served_task_is_refused_at_start():
+    model = SimpleNamespace(target="LatentUpscaleDiffusion", files=SimpleNamespace(config=Path("x4-upscaling.yaml")))
+    with pytest.raises(GenerationError, match="upscale"):
+        serving.ModelServer(model, Path("unused"))
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def test_without_config_or_ckpt_it_serves_the_demo_model():
+    args = webui.build_parser().parse_args([])
+    assert (args.port, args.listen, args.share, args.config, args.ckpt) == (7860, False, False, None, None)
+    model = Model(model_settings_from_args(args))
+    assert model.files.demo and serving.served_tasks(model) == ["txt2img", "img2img"]
+
+
+def test_bad_model_flags_are_one_error_line(tiny_files, capsys):
+    assert webui.main(["--config", str(tiny_files["config"]), "--ckpt", "missing.ckpt"]) == 1
+    assert "webui.py: error: --ckpt missing.ckpt: no such file" in capsys.readouterr().err
+    assert webui.main(["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]),
+                       "--device", "cpu", "--disable_flash", "--disable_math"]) == 2
+
+
+def test_command_line_serves_on_localhost(tiny_files):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    flags = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--device", "cpu", "--port", str(port)]
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "webui.py"), *flags], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "web UI on" in line:
+                break
+        assert f"http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        gallery, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(prompt="a red circle", api_name="/txt2img", **FAST)
+        assert len(gallery) == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
