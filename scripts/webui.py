@@ -1,6 +1,7 @@
 """A web UI for every task the model serves, on the pipeline layer the scripts use: one tab per task
-of the model's family (base models: text to image and image to image; inpainting models: inpaint),
-each tab's generate button also an API endpoint for gradio_client (/txt2img, /img2img, /inpaint).
+of the model's family (base models: text to image and image to image; inpainting, depth, x4 upscaler
+and unCLIP models: their task), each tab's generate button also an API endpoint for gradio_client
+(/txt2img, /img2img, /inpaint, /depth2img, /upscale, /variations).
 
     python scripts/webui.py                       # the embedded demo model, on http://127.0.0.1:7860
     python scripts/webui.py --config configs/stable-diffusion/v2-inference.yaml --ckpt v2-1_512-ema-pruned.safetensors
@@ -75,6 +76,9 @@ class WebUI:
             "txt2img": ("Text to image", self.txt2img_tab),
             "img2img": ("Image to image", self.img2img_tab),
             "inpaint": ("Inpaint", self.inpaint_tab),
+            "depth2img": ("Depth to image", self.depth2img_tab),
+            "upscale": ("Upscale x4", self.upscale_tab),
+            "variations": ("Variations", self.variations_tab),
         }
 
     def build(self) -> gr.Blocks:
@@ -170,6 +174,43 @@ class WebUI:
         split = button.click(editor_image_and_mask, [editor], [image, mask], api_visibility="private", queue=False)
         split.success(self.inpaint, [prompt, image, mask, *controls], outputs, api_name="inpaint", **ONE_AT_A_TIME)
 
+    def image_input(self, label: str) -> gr.Image:
+        return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"])
+
+    def depth2img_tab(self) -> None:
+        prompt, button = self.prompt_row("depth2img")
+        with gr.Row():
+            with gr.Column():
+                image = self.image_input("Image whose depth the result keeps")
+                depth = self.image_input("Depth map (optional: greyscale, brighter = nearer; default: MiDaS' estimate)")
+                strength = gr.Slider(0.0, 1.0, 0.9, step=0.05, label="Strength (1.0: only the depth is kept)")
+                controls = self.sampling_controls()
+            with gr.Column():
+                outputs = self.outputs("depth2img")
+        button.click(self.depth2img, [prompt, image, *controls, strength, depth], outputs, api_name="depth2img", **ONE_AT_A_TIME)
+
+    def upscale_tab(self) -> None:
+        prompt, button = self.prompt_row("upscale")
+        with gr.Row():
+            with gr.Column():
+                image = self.image_input("Low-resolution image (the result is four times its size)")
+                noise = gr.Slider(0, 350, 20, step=1, label="Noise level (more: the model invents more detail)")
+                controls = self.sampling_controls(TASKS["upscale"].samplers)
+            with gr.Column():
+                outputs = self.outputs("upscale")
+        button.click(self.upscale, [prompt, image, *controls, noise], outputs, api_name="upscale", **ONE_AT_A_TIME)
+
+    def variations_tab(self) -> None:
+        prompt, button = self.prompt_row("variations")
+        with gr.Row():
+            with gr.Column():
+                image = self.image_input("Image to make variations of")
+                noise = gr.Slider(0, 999, 0, step=1, label="Noise level of its CLIP embedding (more: further from it)")
+                controls = self.sampling_controls(TASKS["variations"].samplers)
+            with gr.Column():
+                outputs = self.outputs("variations")
+        button.click(self.variations, [prompt, image, *controls, noise], outputs, api_name="variations", **ONE_AT_A_TIME)
+
     # -- the endpoints: one per task, named inputs, all but the prompt with defaults -----------
     def txt2img(self, prompt: str, seed: int = -1, steps: int = 50, scale: float = 9.0, n_samples: int = 1,
                 sampler: str = "ddim", height: int | None = None, width: int | None = None, progress: gr.Progress = gr.Progress()):
@@ -194,6 +235,29 @@ class WebUI:
         except (UsageError, GenerationError) as e:
             raise refuse(e) from None
         return self.generate("inpaint", prompt, seed, steps, scale, n_samples, progress, image, mask, sampler=sampler)
+
+    def depth2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 50, scale: float = 9.0,
+                  n_samples: int = 1, strength: float = 0.9, depth_map: str | None = None, progress: gr.Progress = gr.Progress()):
+        """Depth to image: a new image under the prompt with ``image``'s depth (or ``depth_map``'s)."""
+        if image is None:
+            raise refuse("Upload an image whose depth to keep.")
+        return self.generate("depth2img", prompt, seed, steps, scale, n_samples, progress, image, float(strength),
+                             depth_map=depth_map)
+
+    def upscale(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 75, scale: float = 10.0,
+                n_samples: int = 1, sampler: str = "ddim", noise_level: int = 20, progress: gr.Progress = gr.Progress()):
+        """x4 upscaling of ``image``, guided by the prompt."""
+        if image is None:
+            raise refuse("Upload the image to upscale.")
+        return self.generate("upscale", prompt, seed, steps, scale, n_samples, progress, image, int(noise_level), sampler=sampler)
+
+    def variations(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 20, scale: float = 10.0,
+                   n_samples: int = 1, sampler: str = "ddim", noise_level: int = 0, progress: gr.Progress = gr.Progress()):
+        """Variations of ``image`` (stable unCLIP), guided by the prompt."""
+        if image is None:
+            raise refuse("Upload the image to make variations of.")
+        return self.generate("variations", prompt, seed, steps, scale, n_samples, progress, image, int(noise_level),
+                             sampler=sampler, clip_stats=self.server.clip_stats)
 
     def generate(self, task: str, prompt: str | None, seed: Any, steps: Any, scale: Any, n_samples: Any,
                  progress: gr.Progress, *inputs: Any, sampler: str = "ddim", **options: Any) -> tuple[list, dict[str, str]]:
@@ -228,13 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", type=str, default="outputs/webui-samples",
                    help="folder the images are written to, as the scripts write them (default: %(default)s)")
     p.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
+    p.add_argument("--clip_stats", type=str, default=None,
+                   help="unCLIP-L only: Karlo's CLIP embedding statistics, ViT-L-14_stats.th (not part of the checkpoint)")
     return p
 
 
 def build_app(args: argparse.Namespace) -> gr.Blocks:
     """Check the flags, load the model (once) and build the page with its bounded queue."""
     model = Model(model_settings_from_args(args))
-    server = ModelServer(model, Path(args.outdir), watermark=not args.no_watermark, max_samples=args.max_samples)
+    server = ModelServer(model, Path(args.outdir), watermark=not args.no_watermark, max_samples=args.max_samples,
+                         clip_stats=args.clip_stats)
     app = WebUI(server).build()
     model.load()
     logger.info("serving %s with %s", ", ".join(server.tasks), model.files.config)

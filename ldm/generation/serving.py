@@ -78,8 +78,10 @@ class ModelServer:
     so two runs at once would change each other's images); images are written to ``outdir`` as the
     scripts write them."""
 
-    def __init__(self, model: Model, outdir: Path, watermark: bool = True, max_samples: int = 4):
+    def __init__(self, model: Model, outdir: Path, watermark: bool = True, max_samples: int = 4,
+                 clip_stats: str | Path | None = None):
         self.model = model
+        self.clip_stats = clip_stats  # unCLIP-L's embedding statistics file, for the variations task
         self.tasks = served_tasks(model)
         if not self.tasks:
             known = FAMILY_TASKS.get(model.target)

@@ -385,14 +385,17 @@ def test_browser_paints_a_mask_in_the_page_and_inpaints(browser, tiny_files, ini
 
 
 def test_served_tasks_follow_the_model_family():
-    inpaint = ["inpaint"] if "inpaint" in TASKS else []  # once its pipeline lands
-    for target, tasks in [("LatentDiffusion", ["txt2img", "img2img"]), ("LatentInpaintDiffusion", inpaint), ("Unknown", [])]:
+    expected = [("LatentDiffusion", ["txt2img", "img2img"]), ("LatentInpaintDiffusion", ["inpaint"]),
+                ("LatentDepth2ImageDiffusion", ["depth2img"]), ("LatentUpscaleDiffusion", ["upscale"]),
+                ("ImageEmbeddingConditionedLatentDiffusion", ["variations"]), ("Unknown", [])]
+    for target, tasks in expected:
         assert serving.served_tasks(SimpleNamespace(target=target)) == tasks
+    assert set(webui.WebUI.__init__.__code__.co_names) >= {"depth2img_tab", "upscale_tab", "variations_tab"}
 
 
 def test_a_model_with_no_served_task_is_refused_at_start():
-    model = SimpleNamespace(target="LatentUpscaleDiffusion", files=SimpleNamespace(config=Path("x4-upscaling.yaml")))
-    with pytest.raises(GenerationError, match="upscale"):
+    model = SimpleNamespace(target="LatentSomethingElse", files=SimpleNamespace(config=Path("other.yaml")))
+    with pytest.raises(GenerationError, match="no task serves this model family"):
         serving.ModelServer(model, Path("unused"))
 
 
