@@ -17,6 +17,7 @@ setup(
         "pillow",
         "pytorch-lightning>=2.0",
         "matplotlib",
+        "timm>=1.0",  # the MiDaS backbone of the depth model (its checkpoint keys follow timm 1.0's names)
     ],
     extras_require={
         "test": ["pytest", "diffusers>=0.30", "transformers>=4.30"],
