@@ -107,7 +107,7 @@ class HybridBackbone(nn.Module):
         self.act_postprocess3 = Reassemble(dim, features[2], downsample=False)
         self.act_postprocess4 = Reassemble(dim, features[3], downsample=True)
 
-    def pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position embedding for a ``grid`` of tokens: the trained one, bilinearly resized
         (as the original) when the input is not the training size."""
         pos = self.model.pos_embed
@@ -130,7 +130,7 @@ class HybridBackbone(nn.Module):
         h = resnet.norm(resnet.stages[2](layer_2))
         tokens = vit.patch_embed.proj(h).flatten(2).transpose(1, 2)
         tokens = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
-        tokens = vit.pos_drop(tokens + self.pos_embed(grid))
+        tokens = vit.pos_drop(tokens + self.position_embedding(grid))
         taps = {}
         for i, block in enumerate(vit.blocks[: READOUT_BLOCKS[-1] + 1]):
             tokens = block(tokens)

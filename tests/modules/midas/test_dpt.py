@@ -40,9 +40,9 @@ def test_position_embedding_is_resized_as_transformers_does(dpt, transformers_dp
     """Inputs of another size (non-square images) use the trained position embedding, resized bilinearly."""
     pos = dpt.pretrained.model.pos_embed
     with torch.no_grad():
-        assert dpt.pretrained.pos_embed((4, 4)) is pos
+        assert dpt.pretrained.position_embedding((4, 4)) is pos
         ref = transformers_dpt.dpt.embeddings._resize_pos_embed(pos, 6, 4)
-        assert rel_err(dpt.pretrained.pos_embed((6, 4)), ref) <= RTOL
+        assert rel_err(dpt.pretrained.position_embedding((6, 4)), ref) <= RTOL
         assert dpt(torch.zeros(1, 3, 96, 64)).shape == (1, 96, 64)
 
 
