@@ -17,6 +17,7 @@ setup(
         "pillow",
         "pytorch-lightning>=2.6",  # Trainer.fit(weights_only=...), resumable loaders
         "matplotlib",
+        "timm>=1.0",  # the MiDaS backbone of the depth model (its checkpoint keys follow timm 1.0's names)
     ],
     extras_require={
         # The web UI (scripts/webui.py); its tests drive it with gradio_client and Playwright (the

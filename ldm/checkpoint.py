@@ -192,13 +192,62 @@ def diagnose_mismatch(
         k.endswith("attn2.to_k.weight") and c[-1] == 768 for k, (c, _) in shapes.items()
     ):
         lines.append("This looks like a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder, 768-dim context); SD2 configs need an SD2 checkpoint.")
-    if any(k.endswith("input_blocks.0.0.weight") and c[1] != m[1] for k, (c, m) in shapes.items()):
-        lines.append(
-            "The UNet's input channels differ: an inpainting (9 channels) or depth (5 channels) checkpoint needs its own config."
-        )
-    if any(k.startswith("depth_model.") for k in unexpected):
-        lines.append("This is a depth-conditioned checkpoint (depth_model.*); it needs the depth config.")
+    family_note = _unet_input_note(shapes)
+    if family_note:
+        lines.append(family_note)
+    depth_note = _depth_model_note(missing, unexpected)
+    if depth_note and not family_note:
+        lines.append(depth_note)
     return "\n".join(lines)
+
+
+# The SD2 families by the input channels of their UNet (``input_blocks.0.0.weight``, dim 1):
+# name, what the channels hold, the config that builds it.
+UNET_INPUT_FAMILIES = {
+    4: ("text-to-image", "latent", "configs/stable-diffusion/v2-inference.yaml (512, eps) or v2-inference-v.yaml (768, v)"),
+    5: ("depth-to-image", "latent, depth", "configs/stable-diffusion/v2-midas-inference.yaml"),
+    9: ("inpainting", "latent, mask, masked-image latent", "configs/stable-diffusion/v2-inpainting-inference.yaml"),
+}
+MIDAS_FILE = "midas_models/dpt_hybrid-midas-501f0c75.pt"
+
+
+def _unet_input_note(shapes: Mapping[str, tuple[tuple, tuple]]) -> str | None:
+    """Name the checkpoint's and the config's families when their UNet input widths differ."""
+    found = [(c[1], m[1]) for k, (c, m) in shapes.items() if k.endswith("diffusion_model.input_blocks.0.0.weight")]
+    if not found or found[0][0] == found[0][1]:
+        return None
+    ckpt, model = found[0]
+
+    def family(channels: int) -> str:
+        if channels not in UNET_INPUT_FAMILIES:
+            return f"an unknown model ({channels} channels)"
+        name, holds, _ = UNET_INPUT_FAMILIES[channels]
+        return f"the {name} model ({channels} channels: {holds})"
+
+    note = f"The UNet's input channels differ: a checkpoint of {family(ckpt)} and a config of {family(model)}."
+    if ckpt in UNET_INPUT_FAMILIES:
+        note += f" Use {UNET_INPUT_FAMILIES[ckpt][2]}."
+    return note
+
+
+def _depth_model_note(missing: set[str], unexpected: set[str]) -> str | None:
+    """Explain a mismatch of the depth model's tensors (``depth_model.*``), if any."""
+    lacking = [k for k in missing if k.startswith("depth_model.")]
+    extra = [k for k in unexpected if k.startswith("depth_model.")]
+    if extra and not lacking:
+        return f"This is a depth-to-image checkpoint (depth_model.*): use {UNET_INPUT_FAMILIES[5][2]}."
+    if lacking and not extra:
+        return (
+            f"The checkpoint lacks the MiDaS depth model ({len(lacking)} depth_model.* tensors). The original code read "
+            f"it from {MIDAS_FILE} when built; here it comes from the checkpoint only: add that file's tensors to the "
+            "checkpoint with the prefix depth_model.model."
+        )
+    if lacking and extra:
+        return (
+            f"The depth model's tensors are named otherwise ({len(lacking)} depth_model.* missing, {len(extra)} unexpected): "
+            "the MiDaS backbone follows timm 1.0's names (depth_model.model.pretrained.model.*)."
+        )
+    return None
 
 
 def apply_state_dict(

@@ -124,15 +124,7 @@ def sd2_keys() -> dict[str, list[int]]:
 def diffusers_unet(tiny_eps_model):
     """diffusers' UNet2DConditionModel holding the tiny model's UNet weights (eps and v
     tiny models share them), converted by diffusers' own single-file converter."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    original_config = OmegaConf.to_container(tiny_config(), resolve=True)
-    state = tiny_eps_model.state_dict()
-    config = create_unet_diffusers_config_from_ldm(original_config, state)
-    unet = UNet2DConditionModel(**config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, config), strict=True)
-    return unet.eval()
+    return diffusers_unet_like(tiny_config(), tiny_eps_model)
 
 
 @pytest.fixture(scope="session")
@@ -149,3 +141,165 @@ def guidance_inputs(tiny_eps_model) -> dict[str, torch.Tensor]:
 # The tiny models' tensors are far too small to gain from intra-op threads, and threads
 # waiting on each other on a busy shared CPU make a sampling run 10-20 times slower.
 torch.set_num_threads(1)
+
+
+# -- inpainting and depth families
+FAMILY_FIXTURES = {"inpainting": "tiny-v2-inpainting-inference.yaml", "depth": "tiny-v2-midas-inference.yaml"}
+FAMILY_CONFIGS = {"inpainting": "v2-inpainting-inference.yaml", "depth": "v2-midas-inference.yaml"}
+
+
+def tiny_family_config(family: str, native_mha: bool = False):
+    """The tiny config of an SD2 family ("inpainting" or "depth"), text tower as in :func:`tiny_config`."""
+    cfg = OmegaConf.load(FIXTURES / FAMILY_FIXTURES[family])
+    cfg.model.params.cond_stage_config.params.arch = tiny_config().model.params.cond_stage_config.params.arch
+    if native_mha:
+        cfg.model.params.unet_config.params.use_native_mha = True
+    return cfg
+
+
+@torch.no_grad()
+def tiny_family_model(family: str, native_mha: bool = False, seed: int = 0):
+    model = randomize_(build_model(tiny_family_config(family, native_mha), "cpu"), seed).eval()
+    if family == "depth":
+        # Random weights put the head's last convolution below zero almost everywhere: its ReLU
+        # would make the depth constant (zero). Raised, the ReLU clips some pixels but not all.
+        model.depth_model.model.scratch.output_conv[4].bias.add_(2.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model():
+    return tiny_family_model("inpainting")
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_model():
+    return tiny_family_model("depth")
+
+
+def family_keys(family: str) -> dict[str, list[int]]:
+    """Every tensor (key -> shape) of the family's real checkpoint, from shared/ (skips without it)."""
+    path = ROOT.parent / "shared" / f"sd2-{family}-checkpoint-keys.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (it lives in shared/, beside the checkout)")
+    return json.loads(path.read_text())["tensors"]
+
+
+def diffusers_unet_like(config, model):
+    """diffusers' UNet2DConditionModel with ``model``'s UNet weights (any input width), converted by
+    diffusers' own single-file converter from the original layout and ``config``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    original = OmegaConf.to_container(config, resolve=True)
+    state = model.state_dict()
+    dconfig = create_unet_diffusers_config_from_ldm(original, state)
+    unet = UNet2DConditionModel(**dconfig)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True)
+    return unet.eval()
+
+
+def diffusers_vae_like(config, model):
+    """diffusers' AutoencoderKL with ``model``'s first-stage weights (scaling_factor from ``config``)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    state = model.state_dict()
+    dconfig = create_vae_diffusers_config_from_ldm(OmegaConf.to_container(config, resolve=True), state)
+    vae = AutoencoderKL(**dconfig)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, dconfig), strict=True)
+    return vae.eval()
+
+
+# Our (the original's) names -> transformers' names; the ViT's fused qkv is split separately
+# and the backbone's ImageNet classifier (``pretrained.model.head``, unused by DPT) has no peer.
+MIDAS_TO_TRANSFORMERS = [
+    (r"pretrained\.model\.cls_token", "dpt.embeddings.cls_token"),
+    (r"pretrained\.model\.pos_embed", "dpt.embeddings.position_embeddings"),
+    (r"pretrained\.model\.patch_embed\.proj\.", "dpt.embeddings.projection."),
+    (r"pretrained\.model\.patch_embed\.backbone\.stem\.conv\.", "dpt.embeddings.backbone.bit.embedder.convolution."),
+    (r"pretrained\.model\.patch_embed\.backbone\.stem\.norm\.", "dpt.embeddings.backbone.bit.embedder.norm."),
+    (r"pretrained\.model\.patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.",
+     r"dpt.embeddings.backbone.bit.encoder.stages.\1.layers.\2."),
+    (r"pretrained\.model\.blocks\.(\d+)\.norm1\.", r"dpt.encoder.layer.\1.layernorm_before."),
+    (r"pretrained\.model\.blocks\.(\d+)\.norm2\.", r"dpt.encoder.layer.\1.layernorm_after."),
+    (r"pretrained\.model\.blocks\.(\d+)\.attn\.proj\.", r"dpt.encoder.layer.\1.attention.output.dense."),
+    (r"pretrained\.model\.blocks\.(\d+)\.mlp\.fc1\.", r"dpt.encoder.layer.\1.intermediate.dense."),
+    (r"pretrained\.model\.blocks\.(\d+)\.mlp\.fc2\.", r"dpt.encoder.layer.\1.output.dense."),
+    (r"pretrained\.model\.norm\.", "dpt.layernorm."),
+    (r"pretrained\.act_postprocess3\.0\.project\.0\.", "neck.reassemble_stage.readout_projects.2.0."),
+    (r"pretrained\.act_postprocess4\.0\.project\.0\.", "neck.reassemble_stage.readout_projects.3.0."),
+    (r"pretrained\.act_postprocess3\.3\.", "neck.reassemble_stage.layers.2.projection."),
+    (r"pretrained\.act_postprocess4\.3\.", "neck.reassemble_stage.layers.3.projection."),
+    (r"pretrained\.act_postprocess4\.4\.", "neck.reassemble_stage.layers.3.resize."),
+    (r"scratch\.layer(\d)_rn\.", lambda m: f"neck.convs.{int(m[1]) - 1}."),
+    # refinenet4 fuses the coarsest level, which transformers' fusion stage takes first.
+    (r"scratch\.refinenet(\d)\.out_conv\.", lambda m: f"neck.fusion_stage.layers.{4 - int(m[1])}.projection."),
+    (r"scratch\.refinenet(\d)\.resConfUnit(\d)\.conv(\d)\.",
+     lambda m: f"neck.fusion_stage.layers.{4 - int(m[1])}.residual_layer{m[2]}.convolution{m[3]}."),
+    (r"scratch\.output_conv\.(\d)\.", r"head.head.\1."),
+]
+
+
+def midas_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original MiDaS DPT-Hybrid state (``depth_model.model.*`` without the prefix) in transformers' names."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        qkv = re.fullmatch(r"pretrained\.model\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
+        if qkv:
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                out[f"dpt.encoder.layer.{qkv[1]}.attention.attention.{name}.{qkv[2]}"] = part
+            continue
+        if key.startswith("pretrained.model.head."):
+            continue
+        for pattern, replacement in MIDAS_TO_TRANSFORMERS:
+            new, hits = re.subn("^" + pattern, replacement, key)
+            if hits:
+                out[new] = value
+                break
+        else:
+            raise KeyError(f"no transformers name for {key}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def transformers_dpt(tiny_depth_model):
+    """transformers' DPTForDepthEstimation (hybrid) holding the tiny depth model's MiDaS weights."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    p = tiny_family_config("depth").model.params.depth_stage_config.params
+    grid = p.image_size // 16
+    config = DPTConfig(
+        is_hybrid=True, hidden_size=p.embed_dim, num_hidden_layers=12, num_attention_heads=p.num_heads,
+        intermediate_size=4 * p.embed_dim, layer_norm_eps=1e-6, image_size=p.image_size, patch_size=16,
+        backbone_out_indices=[0, 1, 8, 11], readout_type="project", reassemble_factors=[1, 1, 1, 0.5],
+        neck_hidden_sizes=[p.backbone_channels[0], p.backbone_channels[1], p.embed_dim, p.embed_dim],
+        fusion_hidden_size=p.features, backbone_featmap_shape=[1, p.backbone_channels[2], grid, grid],
+        backbone_config=dict(
+            global_padding="same", layer_type="bottleneck", depths=list(p.backbone_layers),
+            hidden_sizes=list(p.backbone_channels), embedding_size=p.stem_channels,
+            out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True,
+        ),
+    )
+    model = DPTForDepthEstimation(config).eval()
+    model.load_state_dict(midas_to_transformers(tiny_depth_model.depth_model.model.state_dict()), strict=True)
+    return model
+
+
+def sd2_ddim_scheduler(parameterization: str):
+    """diffusers' DDIMScheduler configured as SD2's DDIM (the original's grid and final alpha)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon" if parameterization == "eps" else "v_prediction",
+    )

@@ -286,3 +286,56 @@ def test_model_ema_entries_are_ignored_with_a_log_line(fresh_model, tiny_state, 
         apply_state_dict(fresh_model, state)
     assert any("3 model_ema.* tensors" in r.getMessage() for r in caplog.records)
     assert_same(fresh_model.state_dict(), tiny_state)
+
+
+# -- inpainting and depth families: a checkpoint given to another family's config
+FAMILY_MODELS = {"text-to-image": "tiny_eps_model", "inpainting": "tiny_inpaint_model", "depth": "tiny_depth_model"}
+RIGHT_CONFIG = {
+    "text-to-image": "v2-inference.yaml",
+    "inpainting": "v2-inpainting-inference.yaml",
+    "depth": "v2-midas-inference.yaml",
+}
+
+
+@pytest.mark.parametrize(
+    "checkpoint, config",
+    [(c, m) for c in FAMILY_MODELS for m in FAMILY_MODELS if c != m],
+)
+def test_a_checkpoint_of_another_family_names_it_and_its_config(request, checkpoint, config):
+    state = request.getfixturevalue(FAMILY_MODELS[checkpoint]).state_dict()
+    model = request.getfixturevalue(FAMILY_MODELS[config])
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(model, state)
+    message = str(err.value)
+    note = message.splitlines()[-1]
+    assert note.startswith("The UNet's input channels differ")
+    assert checkpoint in note and config in note
+    assert f"Use configs/stable-diffusion/{RIGHT_CONFIG[checkpoint]}" in note
+    assert "input_blocks.0.0.weight" in message
+
+
+def test_depth_checkpoint_without_its_midas_model_says_where_it_was(tiny_depth_model):
+    state = {k: v for k, v in tiny_depth_model.state_dict().items() if not k.startswith("depth_model.")}
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(tiny_depth_model, state)
+    message = str(err.value)
+    lacking = sum(k.startswith("depth_model.") for k in tiny_depth_model.state_dict())
+    assert f"lacks the MiDaS depth model ({lacking} depth_model.* tensors)" in message
+    assert "dpt_hybrid-midas-501f0c75.pt" in message and "prefix depth_model.model." in message
+
+
+def test_depth_model_named_otherwise_is_recognised(tiny_depth_model):
+    """A MiDaS backbone saved under other timm names (here an older ``layers.`` for ``stages.``)."""
+    state = {k.replace(".backbone.stages.", ".backbone.layers."): v for k, v in tiny_depth_model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="depth model's tensors are named otherwise .* timm 1.0"):
+        apply_state_dict(tiny_depth_model, state)
+
+
+def test_load_names_the_file_and_the_right_config(tiny_inpaint_model, tiny_files, tmp_path):
+    from ldm.loading import load_model_from_config
+
+    save_state_dict(tiny_inpaint_model.state_dict(), tmp_path / "inpainting.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_model_from_config(tiny_files["config"], tmp_path / "inpainting.safetensors")
+    message = str(err.value)
+    assert "inpainting.safetensors" in message and "v2-inpainting-inference.yaml" in message

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CONFIGS, tiny_config
+from conftest import CONFIGS, FAMILY_CONFIGS, family_keys, tiny_config
 from ldm.checkpoint import CheckpointError, apply_state_dict, save_state_dict
 from ldm.loading import build_model, load_config, load_model_from_config
 
@@ -116,3 +116,39 @@ def test_load_model_from_config_names_the_file_on_mismatch(tiny_files, tmp_path)
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+# -- inpainting and depth families: the real layouts, and their native-MHA twins through the converter
+@pytest.fixture(scope="module", params=["inpainting", "depth"])
+def family_meta_model(request):
+    return request.param, build_model(CONFIGS / FAMILY_CONFIGS[request.param], "meta")
+
+
+def assert_same_layout(model, expected: dict[str, list[int]]) -> None:
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(own.keys() - expected.keys()) == [], "tensors a real checkpoint lacks"
+    assert sorted(expected.keys() - own.keys()) == [], "checkpoint tensors the model lacks"
+    assert {k: (own[k], expected[k]) for k in own if own[k] != expected[k]} == {}, "shapes differ (model, checkpoint)"
+
+
+def test_family_config_holds_exactly_the_real_tensors(family_meta_model):
+    family, model = family_meta_model
+    assert_same_layout(model, family_keys(family))
+    assert model.parameterization == "eps" and model.scale_factor == 0.18215
+    assert model.model.conditioning_key == "hybrid"
+
+
+@pytest.mark.parametrize("family", ["inpainting", "depth"])
+def test_native_mha_twin_holds_the_converted_real_tensors(family):
+    from ldm.native_mha import to_native
+
+    real = {k: torch.empty(shape, device="meta") for k, shape in family_keys(family).items()}
+    native = build_model(CONFIGS / FAMILY_CONFIGS[family].replace(".yaml", "_native_mha.yaml"), "meta")
+    assert_same_layout(native, {k: list(v.shape) for k, v in to_native(real).items()})
+
+
+def test_family_layout_loads_strictly_into_meta_model(family_meta_model):
+    family, model = family_meta_model
+    state = {k: torch.empty(shape, dtype=torch.float16, device="meta") for k, shape in family_keys(family).items()}
+    apply_state_dict(model, state, strict=True, assign=True)
+    assert all(p.dtype == torch.float16 for p in model.parameters())

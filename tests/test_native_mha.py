@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from conftest import tiny_config, tiny_family_model, tiny_model
 from ldm.checkpoint import CheckpointError, apply_state_dict
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -196,3 +196,24 @@ def test_loader_names_the_conversion_command(tiny_files, tmp_path, original_stat
         load_model_from_config(tiny_config(), native_file)
     assert "`python tools/convert_native_mha.py --reverse IN OUT`" in str(e.value)
     assert load_model_from_config(tiny_config(native_mha=True), native_file) is not None
+
+
+# -- inpainting and depth families: the converter serves their *_native_mha.yaml twins
+@pytest.mark.parametrize("family", ["inpainting", "depth"])
+def test_family_checkpoint_converts_and_computes_the_same(request, family):
+    """Only the UNet's attention changes layout: the MiDaS ViT's own attention (``attn.qkv``) and
+    every other tensor pass through; the converted model makes the same prediction."""
+    model = request.getfixturevalue("tiny_inpaint_model" if family == "inpainting" else "tiny_depth_model")
+    state = model.state_dict()
+    converted, report = convert_state_dict(state, NATIVE, verify=True)
+    assert (report.self_attention, report.cross_attention) == (7, 7) and report.max_rel_diff < RTOL
+    assert all(converted[k] is v for k, v in state.items() if not k.startswith(UNET))
+    native = tiny_family_model(family, native_mha=True, seed=1)
+    apply_state_dict(native, converted)
+    gen = torch.Generator().manual_seed(2)
+    x, c_concat = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5 if family == "inpainting" else 1, 8, 8, generator=gen)
+    cond = {"c_concat": [c_concat], "c_crossattn": [torch.randn(2, 5, 48, generator=gen)]}
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        assert_close(native.apply_model(x, t, cond), model.apply_model(x, t, cond))
+    assert torch.equal(to_original(converted)[UNET + "input_blocks.0.0.weight"], state[UNET + "input_blocks.0.0.weight"])

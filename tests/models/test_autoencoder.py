@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import rel_err, tiny_config
+from conftest import diffusers_vae_like, rel_err, tiny_config
 
 RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def diffusers_vae(tiny_eps_model):
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-
-    state = tiny_eps_model.state_dict()
-    config = create_vae_diffusers_config_from_ldm(OmegaConf.to_container(tiny_config(), resolve=True), state)
-    vae = AutoencoderKL(**config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(state, config), strict=True)
-    return vae.eval()
+    return diffusers_vae_like(tiny_config(), tiny_eps_model)
 
 
 @pytest.fixture(scope="module")

@@ -13,25 +13,9 @@ from __future__ import annotations
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from conftest import assert_draws_normals, rel_err
+from conftest import assert_draws_normals, rel_err, sd2_ddim_scheduler
 
 SCALE, STEPS = 9.0, 10
-
-
-def sd2_ddim_scheduler(parameterization: str):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon" if parameterization == "eps" else "v_prediction",
-    )
 
 
 def run_ours(model, inputs, steps=STEPS, eta=0.0, x_T=None):

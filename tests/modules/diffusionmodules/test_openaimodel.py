@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import randomize_, rel_err, tiny_config
+from conftest import diffusers_unet_like, randomize_, rel_err, tiny_config, tiny_family_config
 from ldm.loading import build_model
 
 RTOL = 1e-4
@@ -40,18 +39,6 @@ def test_unet_matches_diffusers(parameterization, tiny_eps_model, tiny_v_model, 
     assert rel_err(ours, ref) <= RTOL
 
 
-def _diffusers_twin(config, model):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    original = OmegaConf.to_container(config, resolve=True)
-    state = model.state_dict()
-    dconfig = create_unet_diffusers_config_from_ldm(original, state)
-    unet = UNet2DConditionModel(**dconfig)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True)
-    return unet.eval()
-
-
 VARIANTS = {
     # SD2's pattern at small scale: two res blocks per level and a deepest level without attention.
     "sd2-levels": {"channel_mult": [1, 2, 2], "num_res_blocks": 2, "attention_resolutions": [2, 1]},
@@ -67,12 +54,26 @@ def test_unet_variants_match_diffusers(variant):
     for key, value in VARIANTS[variant].items():
         config.model.params.unet_config.params[key] = value
     model = randomize_(build_model(config, "cpu"), seed=3).eval()
-    unet = _diffusers_twin(config, model)
+    unet = diffusers_unet_like(config, model)
     x, t, context = inputs()
     with torch.no_grad():
         ours = model.apply_model(x, t, context)
         ref = unet(x, t, encoder_hidden_states=context).sample
     assert ref.abs().mean() > 0.1
+    assert rel_err(ours, ref) <= RTOL
+
+
+@pytest.mark.parametrize("family, extra", [("inpainting", 5), ("depth", 1)])
+def test_unet_with_concatenated_inputs_matches_diffusers(request, family, extra):
+    """The inpainting (9 input channels) and depth (5) UNets, the extra maps given as c_concat."""
+    model = request.getfixturevalue("tiny_inpaint_model" if family == "inpainting" else "tiny_depth_model")
+    unet = diffusers_unet_like(tiny_family_config(family), model)
+    x, t, context = inputs(batch=4)
+    maps = torch.randn(4, extra, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.apply_model(x, t, {"c_concat": [maps], "c_crossattn": [context]})
+        ref = unet(torch.cat([x, maps], dim=1), t, encoder_hidden_states=context).sample
+    assert ref.shape == x.shape and ref.abs().mean() > 0.1
     assert rel_err(ours, ref) <= RTOL
 
 
