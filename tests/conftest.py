@@ -120,19 +120,24 @@ def sd2_keys() -> dict[str, list[int]]:
     return json.loads(SD2_KEYS_FILE.read_text())["tensors"]
 
 
-@pytest.fixture(scope="session")
-def diffusers_unet(tiny_eps_model):
-    """diffusers' UNet2DConditionModel holding the tiny model's UNet weights (eps and v
-    tiny models share them), converted by diffusers' own single-file converter."""
+def diffusers_unet_twin(config, model):
+    """diffusers' UNet2DConditionModel holding ``model``'s UNet weights, configured and converted
+    by diffusers' own single-file converter from the original-layout ``config`` and state dict."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    original_config = OmegaConf.to_container(tiny_config(), resolve=True)
-    state = tiny_eps_model.state_dict()
-    config = create_unet_diffusers_config_from_ldm(original_config, state)
-    unet = UNet2DConditionModel(**config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, config), strict=True)
+    original_config = OmegaConf.to_container(config, resolve=True)
+    state = model.state_dict()
+    dconfig = create_unet_diffusers_config_from_ldm(original_config, state)
+    unet = UNet2DConditionModel(**dconfig)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True)
     return unet.eval()
+
+
+@pytest.fixture(scope="session")
+def diffusers_unet(tiny_eps_model):
+    """diffusers' UNet holding the tiny model's UNet weights (eps and v tiny models share them)."""
+    return diffusers_unet_twin(tiny_config(), tiny_eps_model)
 
 
 @pytest.fixture(scope="session")
@@ -149,3 +154,80 @@ def guidance_inputs(tiny_eps_model) -> dict[str, torch.Tensor]:
 # The tiny models' tensors are far too small to gain from intra-op threads, and threads
 # waiting on each other on a busy shared CPU make a sampling run 10-20 times slower.
 torch.set_num_threads(1)
+
+
+# -- upscaler and unCLIP families
+# Every tensor (key and shape) of the real x4 upscaler and unCLIP-L/-H checkpoints: ../shared/.
+FAMILY_KEYS_FILES = {
+    name: ROOT.parent / "shared" / f"sd2-{name}-checkpoint-keys.json" for name in ("x4-upscaler", "unclip-l", "unclip-h")
+}
+TINY_CLIP_ARCH = f"local-dir:{FIXTURES / 'tiny-clip'}"
+# unCLIP-L embeds with OpenAI CLIP (``model:``), unCLIP-H with OpenCLIP (``arch:``).
+UNCLIP_EMBEDDERS = {
+    "l": ("ldm.modules.encoders.modules.ClipImageEmbedder", "model"),
+    "h": ("ldm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder", "arch"),
+}
+
+
+def tiny_x4_config(native_mha: bool = False):
+    """The tiny x4-upscaler-structured config (tests/fixtures/tiny-x4-upscaling.yaml)."""
+    cfg = OmegaConf.load(FIXTURES / "tiny-x4-upscaling.yaml")
+    cfg.model.params.cond_stage_config.params.arch = TINY_CLIP_ARCH
+    if native_mha:
+        cfg.model.params.unet_config.params.use_native_mha = True
+    return cfg
+
+
+def tiny_unclip_config(kind: str, clip_stats_path=None, native_mha: bool = False):
+    """The tiny unCLIP-structured config with the -L (``kind="l"``) or -H image embedder, and the
+    embedding statistics file ``clip_stats_path`` (as unCLIP-L has; none: mean 0, std 1)."""
+    cfg = OmegaConf.load(FIXTURES / "tiny-v2-1-stable-unclip-inference.yaml")
+    params = cfg.model.params
+    params.cond_stage_config.params.arch = TINY_CLIP_ARCH
+    target, arch_param = UNCLIP_EMBEDDERS[kind]
+    params.embedder_config = {"target": target, "params": {arch_param: TINY_CLIP_ARCH}}
+    if clip_stats_path is not None:
+        params.noise_aug_config.params.clip_stats_path = str(clip_stats_path)
+    if native_mha:
+        params.unet_config.params.use_native_mha = True
+    return cfg
+
+
+def write_clip_stats(path: Path, dim: int = 32, seed: int = 0) -> Path:
+    """Random embedding statistics in the format of Karlo's ViT-L-14_stats.th: (mean, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.save((0.3 * torch.randn(dim, generator=gen), 0.5 + torch.rand(dim, generator=gen)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_stats(tmp_path_factory) -> Path:
+    return write_clip_stats(tmp_path_factory.mktemp("karlo") / "ViT-L-14_stats.th")
+
+
+@pytest.fixture(scope="session")
+def tiny_x4_model():
+    return randomize_(build_model(tiny_x4_config(), "cpu"), seed=5).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip_models(tiny_clip_stats) -> dict:
+    """The tiny unCLIP models, -L (with random embedding statistics) and -H, by kind."""
+    return {
+        "l": randomize_(build_model(tiny_unclip_config("l", tiny_clip_stats), "cpu"), seed=6).eval(),
+        "h": randomize_(build_model(tiny_unclip_config("h"), "cpu"), seed=7).eval(),
+    }
+
+
+@pytest.fixture(scope="session")
+def family_keys():
+    """``family_keys(name)``: the real checkpoint's tensors (key -> shape) of ``name`` in
+    FAMILY_KEYS_FILES; skips when shared/ is not beside the checkout."""
+
+    def read(name: str) -> dict[str, list[int]]:
+        path = FAMILY_KEYS_FILES[name]
+        if not path.is_file():
+            pytest.skip(f"{path} not found (it lives in shared/, beside the checkout)")
+        return json.loads(path.read_text())["tensors"]
+
+    return read

@@ -1,4 +1,5 @@
-"""The SD2 UNet against diffusers' UNet2DConditionModel holding the same (random) weights.
+"""The SD2 UNet against diffusers' UNet2DConditionModel holding the same (random) weights,
+the class-conditional UNets of the x4 upscaler and unCLIP included.
 
 diffusers is an independent implementation; its single-file converter maps the original
 checkpoint layout onto it. Both compute in float32 with different operation orders
@@ -11,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import randomize_, rel_err, tiny_config
+from conftest import diffusers_unet_twin, randomize_, rel_err, tiny_config, tiny_unclip_config, tiny_x4_config
 from ldm.loading import build_model
 
 RTOL = 1e-4
@@ -40,18 +40,6 @@ def test_unet_matches_diffusers(parameterization, tiny_eps_model, tiny_v_model, 
     assert rel_err(ours, ref) <= RTOL
 
 
-def _diffusers_twin(config, model):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    original = OmegaConf.to_container(config, resolve=True)
-    state = model.state_dict()
-    dconfig = create_unet_diffusers_config_from_ldm(original, state)
-    unet = UNet2DConditionModel(**dconfig)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True)
-    return unet.eval()
-
-
 VARIANTS = {
     # SD2's pattern at small scale: two res blocks per level and a deepest level without attention.
     "sd2-levels": {"channel_mult": [1, 2, 2], "num_res_blocks": 2, "attention_resolutions": [2, 1]},
@@ -67,13 +55,65 @@ def test_unet_variants_match_diffusers(variant):
     for key, value in VARIANTS[variant].items():
         config.model.params.unet_config.params[key] = value
     model = randomize_(build_model(config, "cpu"), seed=3).eval()
-    unet = _diffusers_twin(config, model)
+    unet = diffusers_unet_twin(config, model)
     x, t, context = inputs()
     with torch.no_grad():
         ours = model.apply_model(x, t, context)
         ref = unet(x, t, encoder_hidden_states=context).sample
     assert ref.abs().mean() > 0.1
     assert rel_err(ours, ref) <= RTOL
+
+
+# -- class-conditional UNets: the x4 upscaler's (noise level as an nn.Embedding label) and
+# unCLIP's ("sequential": a projected embedding vector), against diffusers' class_embedding
+# (num_class_embeds, and class_embed_type "projection") holding the same weights.
+def class_labels(family: str, batch: int, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if family == "x4":
+        return torch.randint(0, 351, (batch,), generator=gen)
+    return torch.randn(batch, 64, generator=gen)
+
+
+@pytest.fixture(scope="module", params=["x4", "unclip"])
+def class_conditional(request, tiny_x4_model, tiny_unclip_models):
+    """(family, tiny model, diffusers twin of its UNet)."""
+    if request.param == "x4":
+        model, config = tiny_x4_model, tiny_x4_config()
+    else:
+        model, config = tiny_unclip_models["h"], tiny_unclip_config("h")
+    return request.param, model, diffusers_unet_twin(config, model)
+
+
+def test_class_conditional_unet_matches_diffusers(class_conditional):
+    family, model, unet = class_conditional
+    assert (unet.config.num_class_embeds, unet.config.class_embed_type) == ((1000, None) if family == "x4" else (None, "projection"))
+    x, t, context = inputs(batch=4)
+    if family == "x4":  # the 4 latent channels and the noised low-resolution RGB image
+        x = torch.cat([x, torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))], 1)
+    y = class_labels(family, 4)
+    with torch.no_grad():
+        ours = model.model.diffusion_model(x, t, context, y=y)
+        ref = unet(x, t, encoder_hidden_states=context, class_labels=y).sample
+        other_labels = model.model.diffusion_model(x, t, context, y=class_labels(family, 4, seed=9))
+    assert ref.abs().mean() > 0.1
+    assert rel_err(ours, ref) <= RTOL
+    assert rel_err(other_labels, ours) > 1e-2, "the labels barely change the output: the comparison would prove little"
+
+
+def test_labels_are_required_exactly_by_class_conditional_unets(tiny_x4_model, tiny_eps_model):
+    x, t, context = inputs()
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_x4_model.model.diffusion_model(torch.cat([x, x[:, :3]], 1), t, context)
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_eps_model.model.diffusion_model(x, t, context, y=torch.tensor([1, 2]))
+
+
+def test_label_layouts_are_the_originals(tiny_x4_model, tiny_unclip_models):
+    x4 = {k: tuple(v.shape) for k, v in tiny_x4_model.model.diffusion_model.state_dict().items() if k.startswith("label_emb")}
+    unclip = {k: tuple(v.shape) for k, v in tiny_unclip_models["l"].model.diffusion_model.state_dict().items() if k.startswith("label_emb")}
+    assert x4 == {"label_emb.weight": (1000, 128)}
+    assert unclip == {"label_emb.0.0.weight": (128, 64), "label_emb.0.0.bias": (128,),
+                      "label_emb.0.2.weight": (128, 128), "label_emb.0.2.bias": (128,)}
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tiny_eps_model):
@@ -90,10 +130,22 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_eps_model):
     unet.zero_grad(set_to_none=True)
 
 
-def test_unet_rejects_options_sd2_does_not_use():
+@pytest.mark.parametrize("option, value, message", [
+    ("num_classes", "continuous", "num_classes='continuous'"),
+    ("adm_in_channels", 64, "adm_in_channels without num_classes='sequential'"),
+    ("use_scale_shift_norm", True, "use_scale_shift_norm"),
+])
+def test_unet_rejects_options_sd2_does_not_use(option, value, message):
     config = tiny_config()
-    config.model.params.unet_config.params.num_classes = 10
-    with pytest.raises(ValueError, match="num_classes"):
+    config.model.params.unet_config.params[option] = value
+    with pytest.raises(ValueError, match=message):
+        build_model(config, "meta")
+
+
+def test_sequential_labels_need_adm_in_channels():
+    config = tiny_config()
+    config.model.params.unet_config.params.num_classes = "sequential"
+    with pytest.raises(ValueError, match="adm_in_channels"):
         build_model(config, "meta")
 
 
