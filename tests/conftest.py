@@ -231,3 +231,45 @@ def family_keys():
         return json.loads(path.read_text())["tensors"]
 
     return read
+
+
+def transformers_vision_twin(embedder):
+    """transformers' CLIPVisionModelWithProjection holding an image embedder's tower
+    (``embedder.model.visual``, OpenCLIP layout), its weights mapped key by key: an independent
+    implementation of the same network (QuickGELU for OpenAI CLIP, GELU for OpenCLIP ViT-H)."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    visual = embedder.model.visual
+    blocks = visual.transformer.resblocks
+    config = CLIPVisionConfig(
+        hidden_size=visual.conv1.weight.shape[0],
+        intermediate_size=blocks[0].mlp.c_fc.weight.shape[0],
+        num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads,
+        image_size=visual.image_size[0],
+        patch_size=visual.conv1.weight.shape[-1],
+        projection_dim=visual.proj.shape[1],
+        hidden_act="quick_gelu" if isinstance(blocks[0].mlp.gelu, QuickGELU) else "gelu",
+        layer_norm_eps=1e-5,
+    )
+    ours = {k: v for k, v in visual.state_dict().items()}
+    state = {
+        "vision_model.embeddings.class_embedding": ours["class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": ours["conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": ours["positional_embedding"],
+        "visual_projection.weight": ours["proj"].T,
+    }
+    for kind in ("weight", "bias"):
+        state[f"vision_model.pre_layrnorm.{kind}"] = ours[f"ln_pre.{kind}"]
+        state[f"vision_model.post_layernorm.{kind}"] = ours[f"ln_post.{kind}"]
+        for i in range(len(blocks)):
+            src, dst = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+            for name, tensor in zip("qkv", ours[f"{src}attn.in_proj_{kind}"].chunk(3)):
+                state[f"{dst}self_attn.{name}_proj.{kind}"] = tensor
+            for a, b in [("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]:
+                state[f"{dst}{b}.{kind}"] = ours[f"{src}{a}.{kind}"]
+    model = CLIPVisionModelWithProjection(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
