@@ -19,7 +19,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.30"],
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.30", "kornia"],
         "xformers": ["xformers"],
         "watermark": ["invisible-watermark"],
     },

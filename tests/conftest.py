@@ -134,6 +134,20 @@ def diffusers_unet_twin(config, model):
     return unet.eval()
 
 
+def diffusers_vae_twin(config, model, scaling_factor: float | None = None):
+    """diffusers' AutoencoderKL holding ``model``'s first stage, by diffusers' single-file converter."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    state = model.state_dict()
+    dconfig = create_vae_diffusers_config_from_ldm(
+        OmegaConf.to_container(config, resolve=True), state, scaling_factor=scaling_factor
+    )
+    vae = AutoencoderKL(**dconfig)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, dconfig), strict=True)
+    return vae.eval()
+
+
 @pytest.fixture(scope="session")
 def diffusers_unet(tiny_eps_model):
     """diffusers' UNet holding the tiny model's UNet weights (eps and v tiny models share them)."""
