@@ -287,3 +287,14 @@ def transformers_vision_twin(embedder):
     model = CLIPVisionModelWithProjection(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def guided_ddim(model, cond, uncond, x_T: torch.Tensor, steps: int = 10, scale: float = 9.0) -> torch.Tensor:
+    """Final latents of a guided DDIM run (eta 0) from ``x_T`` with conditioning dicts."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    samples, _ = DDIMSampler(model).sample(
+        steps, x_T.shape[0], tuple(x_T.shape[1:]), conditioning=cond, unconditional_conditioning=uncond,
+        unconditional_guidance_scale=scale, x_T=x_T.clone(), verbose=False,
+    )
+    return samples

@@ -218,7 +218,9 @@ class UNetModel(nn.Module):
 
         if num_classes == "sequential":
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+                nn.Sequential(
+                    nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+                )
             )
         elif num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)

@@ -148,8 +148,10 @@ def resize_antialiased(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             taps = torch.arange(width, dtype=torch.float32, device=x.device) - width // 2
             kernel = torch.exp(-taps.pow(2) / (2 * sigma**2))
             kernel = (kernel / kernel.sum()).to(x.dtype)
-            shape, pad = ((width, 1), (0, 0, width // 2, width // 2)) if axis == 0 else ((1, width), (width // 2, width // 2, 0, 0))
-            x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel.reshape(1, 1, *shape).expand(channels, 1, *shape), groups=channels)
+            half = width // 2
+            shape, pad = ((width, 1), (0, 0, half, half)) if axis == 0 else ((1, width), (half, half, 0, 0))
+            kernel = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
+            x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel, groups=channels)
     return F.interpolate(x, size=size, mode="bicubic", align_corners=True)
 
 
@@ -219,7 +221,9 @@ class ClipImageEmbedder(_FrozenImageEmbedder):
     ``local-dir:PATH``. ``device`` is accepted and ignored; ``jit`` must stay off.
     """
 
-    def __init__(self, model: str, jit: bool = False, device: str | None = None, antialias: bool = True, ucg_rate: float = 0.0):
+    def __init__(
+        self, model: str, jit: bool = False, device: str | None = None, antialias: bool = True, ucg_rate: float = 0.0
+    ):
         if jit:
             raise ValueError("jit=True (OpenAI's TorchScript model) is not supported")
         config = open_clip_model_config(_openai_arch(model))

@@ -98,7 +98,8 @@ def test_adm_conditioning_keys_route_c_adm_to_the_unet_labels(tiny_x4_model, tin
             x4.model.diffusion_model(torch.cat([x, low], 1), t, context=c, y=levels),
         )
         assert torch.equal(
-            unclip.apply_model(x, t, {"c_crossattn": [c], "c_adm": adm}), unclip.model.diffusion_model(x, t, context=c, y=adm)
+            unclip.apply_model(x, t, {"c_crossattn": [c], "c_adm": adm}),
+            unclip.model.diffusion_model(x, t, context=c, y=adm),
         )
         with pytest.raises(ValueError, match="'crossattn-adm'.*needs 'c_adm'"):
             unclip.apply_model(x, t, c)

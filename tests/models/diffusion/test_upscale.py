@@ -15,8 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_draws_normals, diffusers_unet_twin, diffusers_vae_twin, rel_err, tiny_x4_config
-from ldm.models.diffusion.ddim import DDIMSampler
+from conftest import (
+    assert_draws_normals,
+    diffusers_unet_twin,
+    diffusers_vae_twin,
+    guided_ddim,
+    rel_err,
+    tiny_x4_config,
+)
 
 SCALE, STEPS, NOISE_LEVEL = 9.0, 10, 20
 
@@ -38,7 +44,9 @@ def upscale_pipeline(model):
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="v_prediction",
     )
-    low_res_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+    low_res_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"
+    )
     pipe = StableDiffusionUpscalePipeline(
         vae=diffusers_vae_twin(tiny_x4_config(), model, 0.08333), text_encoder=None, tokenizer=None,
         unet=diffusers_unet_twin(tiny_x4_config(), model), low_res_scheduler=low_res_scheduler, scheduler=scheduler,
@@ -57,10 +65,7 @@ def test_guided_ddim_matches_the_diffusers_upscale_pipeline(tiny_x4_model, input
         ).images
         torch.manual_seed(11)
         cond, uncond = tiny_x4_model.upscale_conditioning(inputs["low_res"], NOISE_LEVEL, inputs["c"], inputs["uc"])
-        ours, _ = DDIMSampler(tiny_x4_model).sample(
-            STEPS, 2, (4, 8, 8), conditioning=cond, unconditional_conditioning=uncond,
-            unconditional_guidance_scale=SCALE, x_T=inputs["x_T"].clone(), verbose=False,
-        )
+        ours = guided_ddim(tiny_x4_model, cond, uncond, inputs["x_T"], STEPS, SCALE)
     assert rel_err(ours, inputs["x_T"]) > 0.1, "sampling did nothing"
     assert rel_err(ours, ref) <= 5e-4
 

@@ -86,7 +86,8 @@ def class_conditional(request, tiny_x4_model, tiny_unclip_models):
 
 def test_class_conditional_unet_matches_diffusers(class_conditional):
     family, model, unet = class_conditional
-    assert (unet.config.num_class_embeds, unet.config.class_embed_type) == ((1000, None) if family == "x4" else (None, "projection"))
+    expected = (1000, None) if family == "x4" else (None, "projection")
+    assert (unet.config.num_class_embeds, unet.config.class_embed_type) == expected
     x, t, context = inputs(batch=4)
     if family == "x4":  # the 4 latent channels and the noised low-resolution RGB image
         x = torch.cat([x, torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))], 1)
@@ -109,8 +110,11 @@ def test_labels_are_required_exactly_by_class_conditional_unets(tiny_x4_model, t
 
 
 def test_label_layouts_are_the_originals(tiny_x4_model, tiny_unclip_models):
-    x4 = {k: tuple(v.shape) for k, v in tiny_x4_model.model.diffusion_model.state_dict().items() if k.startswith("label_emb")}
-    unclip = {k: tuple(v.shape) for k, v in tiny_unclip_models["l"].model.diffusion_model.state_dict().items() if k.startswith("label_emb")}
+    def labels(model) -> dict:
+        state = model.model.diffusion_model.state_dict()
+        return {k: tuple(v.shape) for k, v in state.items() if k.startswith("label_emb")}
+
+    x4, unclip = labels(tiny_x4_model), labels(tiny_unclip_models["l"])
     assert x4 == {"label_emb.weight": (1000, 128)}
     assert unclip == {"label_emb.0.0.weight": (128, 64), "label_emb.0.0.bias": (128,),
                       "label_emb.0.2.weight": (128, 128), "label_emb.0.2.bias": (128,)}

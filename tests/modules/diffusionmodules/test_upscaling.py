@@ -7,9 +7,10 @@ Tolerances: the noised images are compared with identical noise (the same seed d
 ``torch.randn_like`` and diffusers' generator) to 1e-5 relative: diffusers computes the schedule
 in float32 (alphas_cumprod differ by up to 8e-7 relative from the original's float64-then-float32
 values), and at level 0 its float32 ``1 - alphas_cumprod`` (1 - 0.9999) keeps only ~4 digits of
-the noise coefficient: observed 1.4e-6 at level 0, under 3e-7 elsewhere. The schedules themselves: linear within 1e-6, cosine within 5e-5
-(float32 cumulative products drift where alphas_cumprod is tiny; observed 1.3e-5); the cosine
-betas, computed in Python floats by both, agree exactly once rounded to float32.
+the noise coefficient: observed 1.4e-6 at level 0, under 3e-7 elsewhere. The schedules
+themselves: linear within 1e-6, cosine within 5e-5 (float32 cumulative products drift where
+alphas_cumprod is tiny; observed 1.3e-5); the cosine betas, computed in Python floats by both,
+agree exactly once rounded to float32.
 """
 
 from __future__ import annotations
