@@ -19,7 +19,8 @@ class ImageConcatWithNoiseAugmentation(nn.Module):
     The schedule's buffers are checkpoint keys (``low_scale_model.betas``, ...), as in the
     original. They stay float32 when a model is loaded in half precision
     (``keeps_float32_buffers``), as the noised input must not depend on the weights' dtype.
-    ``max_noise_level`` is the highest level the model was trained with (350 for the x4 upscaler).
+    ``max_noise_level`` is the highest level the model was trained with (350 for the x4 upscaler);
+    ``to_cuda`` is accepted for the original's signature and ignored (the module follows ``.to()``).
     """
 
     keeps_float32_buffers = True
