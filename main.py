@@ -8,8 +8,9 @@ and its params), ``data`` (a dataset, ``batch_size``, ``num_workers``), ``lightn
 Several ``--base`` files are merged in order; trailing ``key=value`` arguments override
 them (``lightning.trainer.max_steps=100``). The run writes into ``--logdir``: the merged
 config, ``checkpoints/last.ckpt`` (atomic), CSV loss logs and, at the end, the exported
-weights ``model.safetensors``. ``--resume`` continues from ``checkpoints/last.ckpt``.
-See docs/training.md.
+weights ``model.safetensors``. ``--resume`` continues from ``checkpoints/last.ckpt``, exactly
+where it was taken. On SIGTERM the run saves ``last.ckpt`` after the current step and exits
+with status 143. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.fileio import write_text
+from ldm.training.data import ResumableDataLoader
 
 logger = logging.getLogger("main")
 
@@ -35,6 +38,14 @@ SECTIONS = ("model", "data", "lightning")
 
 class ConfigError(ValueError):
     """A training config that is missing a section or names something unusable."""
+
+
+class Terminated(Exception):
+    """Training stopped by SIGTERM, after writing its checkpoint."""
+
+
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
+"""The exit status after a SIGTERM, the shell's convention for a process ended by that signal."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -83,20 +94,15 @@ def load_training_config(paths: Sequence[str], overrides: Sequence[str]) -> Dict
     return config
 
 
-def build_data(config: DictConfig, seed: int) -> torch.utils.data.DataLoader:
+def build_data(config: DictConfig, seed: int) -> ResumableDataLoader:
     from ldm.util import instantiate_from_config
 
     dataset = instantiate_from_config(config.data)
     batch_size = int(config.data.get("batch_size", 16))
     if len(dataset) == 0:
         raise ConfigError("the data set is empty")
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        shuffle=True,
-        drop_last=True,
-        num_workers=int(config.data.get("num_workers", 0)),
-        generator=torch.Generator().manual_seed(seed),
+    return ResumableDataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), seed=seed, num_workers=int(config.data.get("num_workers", 0))
     )
 
 
@@ -142,9 +148,10 @@ def run(argv: Sequence[str] | None = None) -> Path:
 
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.checkpoint import save_state_dict
-    from ldm.training.callbacks import AtomicCheckpoint
+    from ldm.training.callbacks import AtomicCheckpoint, RandomState
     from ldm.util import instantiate_from_config
 
     if args.threads:
@@ -175,16 +182,22 @@ def run(argv: Sequence[str] | None = None) -> Path:
     trainer = pl.Trainer(
         default_root_dir=str(logdir),
         logger=CSVLogger(str(logdir), name="logs"),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, RandomState()],
         enable_checkpointing=False,
         **trainer_options,
     )
-    trainer.fit(module, loader, ckpt_path=str(last) if args.resume else None)
+    try:
+        trainer.fit(module, loader, ckpt_path=str(last) if args.resume else None, weights_only=True)
+    except SIGTERMException:
+        raise Terminated(
+            f"SIGTERM after step {checkpoint.last_saved_step}, which is saved in {last}; "
+            "run the same command with --resume to continue from there"
+        ) from None
 
     state = module.export_state_dict()
     metadata = {"config": model_yaml, "global_step": str(trainer.global_step), "seed": str(seed)}
     if hasattr(module, "latent_std"):
-        batch = next(iter(torch.utils.data.DataLoader(loader.dataset, batch_size=64, shuffle=False)))
+        batch = next(iter(torch.utils.data.DataLoader(loader.source, batch_size=64, shuffle=False)))
         std = module.latent_std(batch[module.image_key])
         metadata["latent_std"] = repr(std)
         logger.info("latent std %.5f: a diffusion model on these latents wants scale_factor %.5f", std, 1 / std)
@@ -206,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, OSError, OmegaConfBaseException, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return SIGTERM_EXIT_STATUS
     print(f"done: weights in {exported}")
     return 0
 

@@ -15,11 +15,11 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "pillow",
-        "pytorch-lightning>=2.0",
+        "pytorch-lightning>=2.6",  # Trainer.fit(weights_only=...), resumable loaders
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.30", "kornia"],
+        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "kornia"],
         "xformers": ["xformers"],
         "watermark": ["invisible-watermark"],
     },

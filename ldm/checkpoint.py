@@ -33,6 +33,23 @@ def _is_safetensors(path: Path) -> bool:
 
 
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+# What torch.save writes: a zip archive, or (before PyTorch 1.6, or with the legacy option) a
+# pickle stream opening with the PROTO opcode of protocol 2 to 5.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts the way a ``torch.save`` file does (a zip archive or a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    return head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5)
+
+
+def _refers_to_code(detail: str) -> bool:
+    """Whether a weights-only refusal is about the pickle naming a Python object (a global to
+    import, a class to build), rather than about bytes that are no valid pickle at all."""
+    return re.search(r"\bGLOBAL\b|allowlisted", detail) is not None
 
 
 def _refusal_detail(error: pickle.UnpicklingError) -> str:
@@ -60,11 +77,17 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
             return load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle, the two formats of torch.save"
+        )
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if not str(e).startswith(_WEIGHTS_ONLY_REFUSAL):
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+        if not (str(e).startswith(_WEIGHTS_ONLY_REFUSAL) and _refers_to_code(_refusal_detail(e))):
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_refusal_detail(e)}"
+            ) from None
         raise CheckpointError(
             f"{path} was refused: it is not a plain-tensor checkpoint (weights_only=True loading rejects "
             f"pickles that run code or hold arbitrary objects). Detail: {_refusal_detail(e)}"
@@ -107,12 +130,27 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
     return f"{len(keys)}: {shown}" + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _kind(dtype: torch.dtype) -> str:
+    """The kind of values a dtype holds: tensors of one kind load into each other by a cast."""
+    if dtype.is_floating_point:
+        return "floating point"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
 def diagnose_mismatch(
-    missing: Iterable[str], unexpected: Iterable[str], shapes: Mapping[str, tuple[tuple, tuple]] | None = None
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    shapes: Mapping[str, tuple[tuple, tuple]] | None = None,
+    dtypes: Mapping[str, tuple[torch.dtype, torch.dtype]] | None = None,
 ) -> str:
-    """A human explanation of a strict-loading mismatch, naming the likely cause and the fix."""
+    """A human explanation of a strict-loading mismatch, naming the likely cause and the fix.
+
+    ``shapes`` and ``dtypes`` map a key to its (checkpoint, model) shape or dtype.
+    """
     missing, unexpected = set(missing), set(unexpected)
-    shapes = dict(shapes or {})
+    shapes, dtypes = dict(shapes or {}), dict(dtypes or {})
     lines = []
     if missing:
         lines.append(f"missing keys {_preview(missing)}")
@@ -120,6 +158,18 @@ def diagnose_mismatch(
         lines.append(f"unexpected keys {_preview(unexpected)}")
     if shapes:
         lines.append("shape mismatches " + _preview(f"{k} (checkpoint {c}, model {m})" for k, (c, m) in shapes.items()))
+    if dtypes:
+        lines.append(
+            "dtype mismatches "
+            + _preview(f"{k} (checkpoint {c}, model expects {_kind(m)})" for k, (c, m) in dtypes.items())
+        )
+        found = sorted({str(c) for c, m in dtypes.values() if m.is_floating_point})
+        if found:
+            lines.append(
+                f"The model's weights are floating point (float32, float16 and bfloat16 files load); this checkpoint "
+                f"holds {', '.join(found)} tensors in their place: a quantized or otherwise converted file, which this "
+                "code does not load."
+            )
 
     def any_has(keys: set[str], *parts: str) -> bool:
         return any(p in k for k in keys for p in parts)
@@ -191,7 +241,8 @@ def _family_hint(missing: set[str], unexpected: set[str]) -> str | None:
 def apply_state_dict(
     model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
 ) -> None:
-    """Load ``state`` into ``model``; a mismatch raises :class:`CheckpointError` explaining it.
+    """Load ``state`` into ``model``; a mismatch (keys, shapes, or a dtype of another kind, such as
+    integer tensors for floating-point weights) raises :class:`CheckpointError` explaining it.
 
     ``model_ema.*`` entries are ignored (with a log line) when the model keeps no EMA.
     With ``assign=True`` the tensors are used as they are (no copy): the way to fill a model
@@ -205,9 +256,13 @@ def apply_state_dict(
             state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     missing = own.keys() - state.keys()
     unexpected = state.keys() - own.keys()
-    shapes = {
-        k: (tuple(state[k].shape), tuple(own[k].shape)) for k in own.keys() & state.keys() if state[k].shape != own[k].shape
-    }
-    if shapes or (strict and (missing or unexpected)):
-        raise CheckpointError("checkpoint does not match the model:\n" + diagnose_mismatch(missing, unexpected, shapes))
+    common = own.keys() & state.keys()
+    shapes = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in common if state[k].shape != own[k].shape}
+    # A cast between kinds is never meant: integer weights would make load_state_dict either
+    # round silently (copy) or fail once per tensor (assign, on parameters).
+    dtypes = {k: (state[k].dtype, own[k].dtype) for k in common if _kind(state[k].dtype) != _kind(own[k].dtype)}
+    if shapes or dtypes or (strict and (missing or unexpected)):
+        raise CheckpointError(
+            "checkpoint does not match the model:\n" + diagnose_mismatch(missing, unexpected, shapes, dtypes)
+        )
     model.load_state_dict(state, strict=strict, assign=assign)

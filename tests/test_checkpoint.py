@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from conftest import CONFIGS, tiny_model
 from ldm.checkpoint import CheckpointError, apply_state_dict, load_state_dict, save_state_dict
+from ldm.loading import load_model_from_config
 
 UNET = "model.diffusion_model."
 
@@ -106,6 +108,25 @@ def test_bad_file_gives_a_clear_error_naming_it(tmp_path, state, kind):
     assert err.value.__cause__ is None
 
 
+NOT_TORCH, CORRUPT = "is not a PyTorch checkpoint", "is not a readable PyTorch checkpoint"
+
+
+@pytest.mark.parametrize(
+    "head, expected",
+    [(b"", NOT_TORCH), (b"PK", NOT_TORCH), (b"\x00\x01", NOT_TORCH), (b"\x80\x01", NOT_TORCH),
+     (b'{"__metadata__": {}}', NOT_TORCH), (b"\x80\x02", CORRUPT), (b"\x80\x05", CORRUPT), (b"PK\x03\x04", CORRUPT)],
+)
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the \x80\x05 header
+def test_random_bytes_are_no_checkpoint_and_never_refused(tmp_path, head, expected):
+    """Neither zip nor pickle: not a PyTorch checkpoint. Noise behind a zip or pickle header:
+    corrupt. "refused" is kept for pickles that name code."""
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(head + random.Random(0).randbytes(4096))
+    with pytest.raises(CheckpointError, match=expected) as err:
+        load_state_dict(path)
+    assert "refused" not in str(err.value)
+
+
 class _RunsCode:
     """Unpickling this would run a shell command creating ``marker``."""
 
@@ -167,6 +188,31 @@ def test_non_strict_tolerates_missing_keys_but_not_shapes(fresh_model, tiny_stat
     state[UNET + "out.2.bias"] = torch.zeros(5)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         apply_state_dict(fresh_model, state, strict=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_non_float_weights_give_one_message_naming_them(tiny_files, tmp_path, dtype):
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_state_dict(tiny_files["ckpt"]).items()}
+    save_state_dict(state, tmp_path / "converted.ckpt")
+    with pytest.raises(CheckpointError) as err:  # the meta-device load (assign=True)
+        load_model_from_config(tiny_files["config"], tmp_path / "converted.ckpt")
+    message = str(err.value)
+    assert len(message.splitlines()) <= 4 and "While copying" not in message
+    assert f"dtype mismatches {sum(v.dtype == dtype for v in state.values())}:" in message
+    assert f"(checkpoint {dtype}, model expects floating point)" in message and "quantized" in message
+
+
+def test_one_integer_tensor_is_named_even_when_a_cast_would_hide_it(fresh_model, tiny_state):
+    state = dict(tiny_state)
+    state[UNET + "out.2.weight"] = state[UNET + "out.2.weight"].round().long()
+    with pytest.raises(CheckpointError) as err:  # load_state_dict's copy would cast it silently
+        apply_state_dict(fresh_model, state)
+    assert f"dtype mismatches 1: {UNET}out.2.weight (checkpoint torch.int64, model expects floating point)" in str(err.value)
+
+
+def test_float16_weights_and_integer_counters_load(fresh_model, tiny_state):
+    state = {k: v.half() if v.is_floating_point() else v for k, v in tiny_state.items()}
+    apply_state_dict(fresh_model, state)  # a cast within a kind is how half-precision files load
 
 
 def test_native_mha_checkpoint_against_original_config_points_to_converter(fresh_model):

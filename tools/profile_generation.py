@@ -7,7 +7,7 @@ as scripts/txt2img.py (ldm.generation), and the generation is its batch: the pro
 prompt encoded, the latents sampled under classifier-free guidance, then decoded.
 
     python tools/profile_generation.py --config configs/stable-diffusion/v2-inference.yaml \\
-        --random_weights --device cuda --sampler plms --steps 50 --compile --trace trace.json
+        --random_weights --device cuda --plms --steps 50 --compile --trace trace.json
 
 How each figure is obtained (see docs/benchmark.md, "Where the time goes"):
 
@@ -43,10 +43,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ldm.devices import device_name, synchronize
 from ldm.fileio import atomic_path, write_text
 from ldm.generation.errors import GenerationError, UsageError
-from ldm.generation.run import (
-    Job, cli_logging, make_batch_fn, precision_context, prepare, seed_everything, setup_model,
-)
-from ldm.modules.attention import IMPLEMENTATIONS, sdpa_backends
+from ldm.generation.model import Model
+from ldm.generation.options import build_parser as task_parser
+from ldm.generation.options import read_prompts, settings_from_args
+from ldm.generation.pipeline import Pipeline
+from ldm.generation.run import cli_logging, seed_everything
+from ldm.generation.tasks import TASKS
 
 PROG = "profile_generation.py"
 RANGES = {"get_learned_conditioning": "text encoder", "apply_model": "UNet", "decode_first_stage": "VAE decode"}
@@ -55,62 +57,17 @@ HOST = "host overhead"
 OTHER_DEVICE = "other device work"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=str, default=None, help="model config (default: txt2img.py's)")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
-    weights.add_argument("--random_weights", action="store_true", help="random weights: the full architecture, no download")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["full", "autocast"], default="autocast")
-    p.add_argument("--H", type=_positive, default=None, help="image height (default: the model's)")
-    p.add_argument("--W", type=_positive, default=None, help="image width (default: the model's)")
-    p.add_argument("--steps", type=_positive, default=50)
-    p.add_argument("--sampler", choices=["ddim", "plms", "dpm"], default="plms")
-    p.add_argument("--n_samples", type=_positive, default=1, help="batch size (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=9.0, help="guidance scale; 1.0 skips the empty prompt (default: %(default)s)")
-    p.add_argument("--prompt", type=str, default="A photo")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="sdpa")
-    p.add_argument("--compile", action="store_true", help="compile the UNet with torch.compile (during the warm-up)")
-    p.add_argument("--compile_mode", type=str, default=None)
-    p.add_argument("--disable_flash", action="store_true")
-    p.add_argument("--disable_mem_efficient", action="store_true")
-    p.add_argument("--disable_math", action="store_true")
+def build_parser(task: str) -> argparse.ArgumentParser:
+    """The task script's own flags (so its checks apply unchanged) and the profiler's outputs."""
+    p = task_parser(task)
+    p.prog = PROG
+    p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(n_samples=1, n_iter=1, plms=task == "txt2img", seed=1, prompt="A photo")
+    p.add_argument("--task", choices=sorted(TASKS), default="txt2img", help="the task to profile (default: %(default)s)")
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace (chrome://tracing, Perfetto) here")
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite existing --trace/--json files")
     return p
-
-
-def txt2img_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The same settings as txt2img.py's flags, so that its checks and setup apply unchanged."""
-    from ldm.generation.options import build_parser as txt2img_parser
-
-    argv = [
-        "--prompt", args.prompt, "--steps", str(args.steps), "--n_samples", str(args.n_samples), "--n_iter", "1",
-        "--scale", str(args.scale), "--seed", str(args.seed), "--precision", args.precision, "--device", args.device,
-        "--attention", args.attention, "--no_watermark", "--outdir", tempfile.gettempdir(),  # nothing is written there
-    ]
-    for flag in ("config", "ckpt", "H", "W", "compile_mode"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    for flag in ("random_weights", "compile", "disable_flash", "disable_mem_efficient", "disable_math"):
-        if getattr(args, flag):
-            argv.append(f"--{flag}")
-    if args.sampler != "ddim":
-        argv.append(f"--{args.sampler}")
-    return txt2img_parser("txt2img").parse_args(argv)
 
 
 def _ranged(method: Callable, label: str) -> Callable:
@@ -135,21 +92,21 @@ def labelled(model: torch.nn.Module) -> Iterator[None]:
             delattr(model, attr)
 
 
-def profile_generation(job: Job) -> tuple[Any, float]:
+def profile_generation(pipeline: Pipeline, prompts: list[str]) -> tuple[Any, float]:
     """One warm-up generation, then one under the profiler; the profiler and its wall seconds."""
-    args, model, device = job.args, job.model, job.device
-    prompts = job.batches[0]
+    model, seed = pipeline.model, pipeline.sampling.seed
+    net, device = model.load(), model.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad(), sdpa_backends(args.disable_flash, args.disable_mem_efficient, args.disable_math), \
-            model.ema_scope(), precision_context(args, device), labelled(model):
-        seed_everything(args.seed)
-        make_batch_fn(job)(prompts)
-        seed_everything(args.seed)
-        batch = make_batch_fn(job)
+    with torch.no_grad(), model.backends(), net.ema_scope(), model.precision(), labelled(net):
+        seed_everything(seed)
+        pipeline.start()
+        pipeline(prompts)
+        seed_everything(seed)
+        pipeline.start()
         synchronize(device)
         with profile(activities=activities) as prof:
             start = time.perf_counter()
-            batch(prompts)
+            pipeline(prompts)
             synchronize(device)
             wall = time.perf_counter() - start
     return prof, wall
@@ -229,13 +186,14 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def settings(job: Job, args: argparse.Namespace) -> dict[str, Any]:
+def settings(pipeline: Pipeline) -> dict[str, Any]:
+    m, s = pipeline.model, pipeline.sampling
     return {
-        "device": device_name(job.device), "torch": torch.__version__, "config": str(job.files.config),
-        "checkpoint": str(job.files.ckpt) if job.files.ckpt else "random weights", "sampler": job.sampler_name,
-        "steps": args.steps, "H": job.height, "W": job.width, "n_samples": args.n_samples, "scale": args.scale,
-        "precision": args.precision, "attention": args.attention, "compile": args.compile,
-        "sdpa_disabled": [n for n in ("flash", "mem_efficient", "math") if getattr(args, f"disable_{n}")],
+        "task": pipeline.task, "device": device_name(m.device), "torch": torch.__version__, "config": str(m.files.config),
+        "checkpoint": str(m.files.ckpt) if m.files.ckpt else "random weights", "sampler": s.sampler,
+        "steps": s.steps, "H": pipeline.height, "W": pipeline.width, "n_samples": pipeline.n_samples, "scale": s.scale,
+        "precision": m.settings.precision, "attention": m.settings.attention, "compile": m.settings.compile,
+        "sdpa_disabled": [n for n in ("flash", "mem_efficient", "math") if getattr(m.settings, f"disable_{n}")],
     }
 
 
@@ -254,17 +212,19 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_outputs(args)
-    job = prepare(txt2img_args(args), "txt2img")
-    setup_model(job)
+    model_settings, sampling, output = settings_from_args(args)
+    model = Model(model_settings)
+    pipeline = TASKS[args.task].from_args(model, sampling, output.n_samples, output.vae_slice_size, args)
+    prompts = read_prompts(args.prompt, None, output.n_samples, pipeline.default_prompt)[0]
     try:
-        prof, wall = profile_generation(job)
+        prof, wall = profile_generation(pipeline, prompts)
     except RuntimeError as e:
         message = str(e)
         if "No available kernel" in message or "No viable backend" in message:
             raise GenerationError(f"the SDPA backends left enabled cannot run this model's attention: {message.splitlines()[0]}") from None
         raise
-    summary = summarize(prof.events(), wall, job.device.type == "cuda")
-    summary["settings"] = settings(job, args)
+    summary = summarize(prof.events(), wall, model.device.type == "cuda")
+    summary["settings"] = settings(pipeline)
     s = summary["settings"]
     print(
         f"One generation on {s['device']}: {s['sampler']} {s['steps']} steps, {s['W']}x{s['H']}, batch {s['n_samples']}, "
@@ -281,7 +241,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=sorted(TASKS), default="txt2img")
+    task = pre.parse_known_args(argv)[0].task  # the task decides which flags the full parser has
+    parser = build_parser(task)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:

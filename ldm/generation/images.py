@@ -24,25 +24,65 @@ SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")
 GRID_NAME = re.compile(r"^grid-(\d{4,})\.png$")
 
 
-def load_init_image(path: str, multiple: int) -> torch.Tensor:
+def load_init_image(path: str, multiple: int, flag: str = "--init-img") -> torch.Tensor:
     """The image as a (1, 3, h, w) tensor in [-1, 1], sides cut down to multiples of ``multiple``
     and resized with Lanczos, as the original img2img does (with 64 for SD2)."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except FileNotFoundError:
-        raise GenerationError(f"--init-img {path}: no such file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise GenerationError(f"--init-img {path}: cannot be read as an image: {e}") from None
+    image = _open(path, flag, "RGB")
     w, h = image.size
     new_w, new_h = w - w % multiple, h - h % multiple
     if not new_w or not new_h:
-        raise GenerationError(f"--init-img {path}: {w}x{h} is too small, sides must be at least {multiple} pixels")
+        raise GenerationError(f"{flag} {path}: {w}x{h} is too small, sides must be at least {multiple} pixels")
     if (new_w, new_h) != (w, h):
         logger.info("init image %dx%d resized to %dx%d (sides must be multiples of %d)", w, h, new_w, new_h, multiple)
     image = image.resize((new_w, new_h), resample=Image.LANCZOS)
     array = np.asarray(image).astype(np.float32) / 255.0
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy()) - 1.0
+
+
+def _open(path: str | Path, flag: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image if mode == "keep" else image.convert(mode)
+    except FileNotFoundError:
+        raise GenerationError(f"{flag} {path}: no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise GenerationError(f"{flag} {path}: cannot be read as an image: {e}") from None
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad (h, w[, c]) on the bottom and right by repeating the edge, up to multiples of ``multiple``
+    and at least twice it, as the original's inpainting, depth and upscaling demos do."""
+    h, w = array.shape[:2]
+    new_h, new_w = (max(2, -(-side // multiple)) * multiple for side in (h, w))
+    pad = [(0, new_h - h), (0, new_w - w)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, mode="edge")
+
+
+def load_padded_image(path: str | Path, multiple: int, flag: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image as (1, 3, H, W) in [-1, 1], edge-padded to multiples of ``multiple`` (x / 127.5 - 1,
+    as the demos), and its size before padding."""
+    array = np.asarray(_open(path, flag, "RGB"))
+    padded = pad_to_multiple(array, multiple)
+    image = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).to(torch.float32) / 127.5 - 1.0
+    return image, array.shape[:2]
+
+
+def load_mask(path: str | Path, multiple: int, flag: str = "--mask") -> tuple[torch.Tensor, tuple[int, int]]:
+    """A mask image as (1, 1, H, W) in [0, 1] (grey levels / 255; white = repaint), padded like the image."""
+    array = np.asarray(_open(path, flag, "L")).astype(np.float32) / 255.0
+    return torch.from_numpy(pad_to_multiple(array, multiple)[None, None].copy()), array.shape[:2]
+
+
+def load_depth_map(path: str | Path, flag: str = "--depth-map") -> torch.Tensor:
+    """A depth image (8- or 16-bit greyscale; brighter = nearer, as MiDaS' inverse depth) as (1, 1, h, w) float32."""
+    image = _open(path, flag, "keep")
+    if image.mode not in ("L", "I", "I;16", "I;16B", "F"):
+        image = image.convert("L")
+    array = np.asarray(image).astype(np.float32)
+    if array.max() == array.min():
+        raise GenerationError(f"{flag} {path}: the depth map is constant, so it says nothing about depth")
+    return torch.from_numpy(array[None, None].copy())
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

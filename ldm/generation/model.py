@@ -1,22 +1,23 @@
-"""The model's files, sizes and loading: config and checkpoint paths, geometry, sampler, compile probe."""
+"""The model of a run: config and checkpoint resolution, the sizes it fixes, loading, attention
+kernel, compilation and the precision and SDPA-backend contexts it runs under."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm.checkpoint import CheckpointError
-from ldm.generation.errors import GenerationError
-from ldm.loading import build_model, load_model_from_config
-from ldm.util import instantiate_from_config
+from ldm.generation.errors import GenerationError, UsageError
+from ldm.generation.settings import ModelSettings
+from ldm.loading import build_model, load_config, load_model_from_config
+from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +34,25 @@ class ModelFiles:
     demo: bool = False
 
 
-def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
+def resolve_model_files(settings: ModelSettings) -> ModelFiles:
     """The config and checkpoint to use; the demo model when neither was named and it is installed."""
-    if args.config is None and args.ckpt is None and not args.random_weights and DEMO_CONFIG.is_file() and DEMO_CKPT.is_file():
+    if settings.config is None and settings.ckpt is None and not settings.random_weights and DEMO_CONFIG.is_file() and DEMO_CKPT.is_file():
         return ModelFiles(DEMO_CONFIG, DEMO_CKPT, demo=True)
-    config = Path(args.config) if args.config else SD2_CONFIG
-    if args.config is None and not config.exists():
+    config = settings.config or SD2_CONFIG
+    if settings.config is None and not config.exists():
         config = REPO_ROOT / SD2_CONFIG  # the original's default path, wherever the script is run from
     _check_readable(config, "--config")
-    if args.random_weights:
+    if settings.random_weights:
+        if settings.ckpt is not None:
+            raise UsageError("--random_weights and --ckpt exclude each other")
         return ModelFiles(config, None)
-    if args.ckpt is None:
+    if settings.ckpt is None:
         raise GenerationError(
             f"--ckpt is required with {config}: pass an SD2 checkpoint (e.g. --ckpt v2-1_512-ema-pruned.ckpt), "
             "or --random_weights for timing runs"
         )
-    ckpt = Path(args.ckpt)
-    _check_readable(ckpt, "--ckpt")
-    return ModelFiles(config, ckpt)
+    _check_readable(settings.ckpt, "--ckpt")
+    return ModelFiles(config, settings.ckpt)
 
 
 def _check_readable(path: Path, flag: str) -> None:
@@ -65,10 +67,10 @@ def _check_readable(path: Path, flag: str) -> None:
 def read_config(path: Path) -> DictConfig:
     """The YAML config, checked to describe a latent-diffusion model."""
     try:
-        config = OmegaConf.load(path)
+        config = load_config(path)
     except Exception as e:  # YAML syntax, encoding and OS errors alike
         raise GenerationError(f"--config {path}: cannot be read as YAML: {e}") from None
-    params = OmegaConf.select(config, "model.params") if isinstance(config, DictConfig) else None
+    params = config.get("model", {}).get("params") if isinstance(config, DictConfig) else None
     if not params or "unet_config" not in params or "first_stage_config" not in params:
         raise GenerationError(f"--config {path}: not a latent-diffusion config (needs model.params.unet_config and first_stage_config)")
     return config
@@ -76,29 +78,64 @@ def read_config(path: Path) -> DictConfig:
 
 @dataclass
 class Geometry:
-    """Sizes the model fixes: latent channels, the autoencoder's and UNet's downsampling, native size."""
+    """Sizes the model fixes, read off its modules built on the meta device."""
 
     channels: int
     vae_factor: int
     unet_factor: int
     latent_size: int
+    net: torch.nn.Module  # the whole model, on the meta device
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.net.model.diffusion_model
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.net.first_stage_model
 
     @property
     def multiple(self) -> int:
         """Image sides must be multiples of this."""
         return self.vae_factor * self.unet_factor
 
+    @property
+    def native_size(self) -> int:
+        return self.latent_size * self.vae_factor
+
 
 def model_geometry(config: DictConfig, path: Path) -> Geometry:
-    """Read the sizes off the UNet and autoencoder built on the meta device (costs nothing)."""
+    """Build the model on the meta device (allocates nothing) and read its sizes."""
     params = config.model.params
     try:
-        with torch.device("meta"):
-            unet = instantiate_from_config(params.unet_config)
-            vae = instantiate_from_config(params.first_stage_config)
+        net = build_model(config, "meta")
     except Exception as e:
-        raise GenerationError(f"--config {path}: cannot build its UNet and autoencoder: {type(e).__name__}: {e}") from None
-    return Geometry(int(params.get("channels", 4)), vae.downsampling_factor, unet.downsampling_factor, int(params.get("image_size", 64)))
+        raise GenerationError(f"--config {path}: cannot build its model: {type(e).__name__}: {e}") from None
+    unet, vae = net.model.diffusion_model, net.first_stage_model
+    return Geometry(int(params.get("channels", 4)), vae.downsampling_factor, unet.downsampling_factor,
+                    int(params.get("image_size", 64)), net)
+
+
+def check_settings(settings: ModelSettings) -> None:
+    """Combinations that cannot work on this platform, found before anything is loaded."""
+    if settings.disable_flash and settings.disable_mem_efficient and settings.disable_math:
+        raise UsageError("--disable_flash, --disable_mem_efficient and --disable_math together leave SDPA no backend: keep one")
+    if settings.device == "cpu" and settings.disable_flash and settings.disable_math:
+        raise UsageError("on the CPU, SDPA has only the flash and math backends: --disable_flash and --disable_math leave it none")
+    try:
+        check_implementation(settings.attention)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--attention: {e}") from None
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to this PyTorch; use --device cpu")
+    if settings.compile_mode is not None and not settings.compile:
+        logger.warning("--compile_mode has no effect without --compile")
+    if settings.compile:
+        from torch._inductor import list_mode_options
+
+        modes = ["default", *list_mode_options()]
+        if (settings.compile_mode or "default") not in modes:
+            raise UsageError(f"--compile_mode {settings.compile_mode!r}: choose one of {', '.join(dict.fromkeys(modes))}")
 
 
 def check_compile(device: torch.device) -> None:
@@ -115,32 +152,74 @@ def check_compile(device: torch.device) -> None:
         raise GenerationError(f"--compile: torch.compile cannot compile for {device.type} here ({reason}); run without --compile") from None
 
 
-def load_model(files: ModelFiles, config: DictConfig, device: torch.device) -> torch.nn.Module:
-    """The model with the checkpoint's weights, or random ones for --random_weights."""
-    if files.ckpt is None:
-        logger.warning("--random_weights: the model of %s gets random weights; the images are noise (use this for timing only)", files.config)
+class Model:
+    """A model of a run: resolved and checked at construction (cheap), loaded by :meth:`load`.
+
+    Pipelines take one; an application (the web UI) loads it once and serves many requests.
+    """
+
+    def __init__(self, settings: ModelSettings):
+        check_settings(settings)
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.files = resolve_model_files(settings)
+        self.config = read_config(self.files.config)
+        self.geometry = model_geometry(self.config, self.files.config)
+        self._net: torch.nn.Module | None = None
+
+    @property
+    def target(self) -> str:
+        """The config's model class name (``LatentDiffusion``, ``LatentInpaintDiffusion``, ...)."""
+        return str(self.config.model.target).rsplit(".", 1)[-1]
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.config.model.params.get("timesteps", 1000))
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The loaded ``LatentDiffusion`` (or family) module."""
+        if self._net is None:
+            raise RuntimeError("call Model.load() first")
+        return self._net
+
+    def load(self) -> torch.nn.Module:
+        """Load the weights (or random ones), choose the attention kernel, compile the UNet."""
+        if self._net is not None:
+            return self._net
+        settings = self.settings
+        if settings.compile:
+            check_compile(self.device)
+        net = self._read_weights()
+        if set_attention_implementation(net, settings.attention) == 0 and settings.attention != "sdpa":
+            logger.warning("--attention %s has no effect: this model's attention is nn.MultiheadAttention (native-MHA layout)", settings.attention)
+        if settings.compile:
+            net.model.diffusion_model.compile(mode=settings.compile_mode or "default")
+        self._net = net
+        return net
+
+    def _read_weights(self) -> torch.nn.Module:
+        files, config, device = self.files, self.config, self.device
+        if files.ckpt is None:
+            logger.warning("--random_weights: the model of %s gets random weights; the images are noise (use this for timing only)", files.config)
+            try:
+                return build_model(config, device).to(device).eval()
+            except Exception as e:
+                raise GenerationError(f"--config {files.config}: cannot build its model: {type(e).__name__}: {e}") from None
+        logger.info("loading %s with %s", files.ckpt, files.config)
         try:
-            model = build_model(config, device)
+            return load_model_from_config(config, files.ckpt, device)
+        except CheckpointError as e:
+            raise GenerationError(f"cannot load --ckpt into the model of --config {files.config}: {e}") from None
         except Exception as e:
-            raise GenerationError(f"--config {files.config}: cannot build its model: {type(e).__name__}: {e}") from None
-        return model.to(device).eval()
-    logger.info("loading %s with %s", files.ckpt, files.config)
-    try:
-        return load_model_from_config(config, files.ckpt, device)
-    except CheckpointError as e:
-        raise GenerationError(f"cannot load --ckpt into the model of --config {files.config}: {e}") from None
-    except Exception as e:
-        raise GenerationError(f"cannot load the model of {files.config} from {files.ckpt}: {type(e).__name__}: {e}") from None
+            raise GenerationError(f"cannot load the model of {files.config} from {files.ckpt}: {type(e).__name__}: {e}") from None
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        """Autocast as the original (fp16 on CUDA, bf16 on the CPU; bf16 everywhere for "bf16"), or nothing."""
+        if self.settings.precision == "full":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.settings.precision == "bf16" else None)
 
-def make_sampler(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
-    """The sampler the flags choose and its name for metadata: DDIM unless --plms or --dpm."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-    from ldm.models.diffusion.plms import PLMSSampler
-
-    if getattr(args, "plms", False):
-        return PLMSSampler(model, device=device), "plms"
-    if getattr(args, "dpm", False):
-        return DPMSolverSampler(model, device=device), "dpm"
-    return DDIMSampler(model, device=device), "ddim"
+    def backends(self) -> contextlib.AbstractContextManager:
+        s = self.settings
+        return sdpa_backends(s.disable_flash, s.disable_mem_efficient, s.disable_math)

@@ -1,104 +1,58 @@
-"""The command line: flags and their checks, prompt reading, image size and output-path checks."""
+"""The command line: the flags every task shares plus the task's own, parsed into typed settings;
+prompt reading and output-path checks."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ldm.generation.argtypes import finite, float_in, non_negative, positive, seed
 from ldm.generation.errors import GenerationError, UsageError
-from ldm.generation.model import SD2_CONFIG, Geometry
-from ldm.modules.attention import IMPLEMENTATIONS, check_implementation
+from ldm.generation.model import SD2_CONFIG
+from ldm.generation.pipeline import VAE_SLICE_PIXELS
+from ldm.generation.settings import ModelSettings, OutputSettings, SamplingSettings
+from ldm.models.diffusion.samplers import SAMPLER_TITLES
+from ldm.modules.attention import IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a red circle"
-DEFAULT_PROMPTS = {
-    "txt2img": "a professional photograph of an astronaut riding a triceratops",
-    "img2img": "a painting of a virus monster playing guitar",
-}
-VAE_SLICE_PIXELS = 4 * 512 * 512  # automatic --vae_slice_size: about 1 Mpixel per decoder call
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
+def build_parser(task: str) -> argparse.ArgumentParser:
+    """The flags of ``task``: the original script's, the task's own, then the shared new ones."""
+    from ldm.generation.tasks import TASKS
 
-    return parse
-
-
-def _float_in(low: float, high: float = math.inf) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    value = _int_at_least(0)(text)
-    if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"must be below 2**32 (numpy's limit), got {value}")
-    return value
-
-
-def build_parser(kind: str) -> argparse.ArgumentParser:
-    """The flags of ``kind`` ("txt2img" or "img2img"): the original script's, then the shared new ones."""
-    img2img = kind == "img2img"
-    p = argparse.ArgumentParser(
-        prog=f"{kind}.py",
-        description=("Image to image" if img2img else "Text to image") + " with Stable Diffusion 2 (see docs/txt2img.md).",
-    )
-    pos1, pos0 = _int_at_least(1), _int_at_least(0)
+    pipeline = TASKS[task]
+    p = argparse.ArgumentParser(prog=pipeline.script or f"{task}.py", description=f"{pipeline.__doc__ or task} See docs/pipelines.md.")
     p.add_argument("--prompt", type=str, nargs="?", default=None,
-                   help=f"the prompt to render (default: {DEFAULT_PROMPTS[kind]!r}; {DEMO_PROMPT!r} for the demo model)")
-    if img2img:
-        p.add_argument("--init-img", type=str, required=True, help="path to the input image")
-    p.add_argument("--outdir", type=str, nargs="?", default=f"outputs/{kind}-samples", help="folder to write results to (default: %(default)s)")
-    names = ["--steps", "--ddim_steps"] if img2img else ["--steps"]  # the original img2img's name kept as an alias
-    p.add_argument(*names, dest="steps", type=pos1, default=50, help="number of sampling steps (default: %(default)s)")
-    if not img2img:
+                   help=f"the prompt to render (default: {pipeline.default_prompt!r}; {DEMO_PROMPT!r} for the demo model)")
+    pipeline.add_arguments(p)
+    p.add_argument("--outdir", type=str, nargs="?", default=f"outputs/{task}-samples", help="folder to write results to (default: %(default)s)")
+    p.add_argument(*pipeline.step_flags, dest="steps", type=positive, default=50, help="number of sampling steps (default: %(default)s)")
+    if len(pipeline.samplers) > 1:
         samplers = p.add_mutually_exclusive_group()
-        samplers.add_argument("--plms", action="store_true", help="use PLMS sampling")
-        samplers.add_argument("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
-    p.add_argument("--fixed_code", action="store_true",
-                   help="use the same starting noise for every batch" + (" (the noise of the encoding)" if img2img else ""))
-    p.add_argument("--ddim_eta", type=_float_in(0.0), default=0.0, help="DDIM eta, 0.0 for deterministic sampling (default: %(default)s)")
-    p.add_argument("--n_iter", type=pos1, default=1 if img2img else 3, help="sample this often (default: %(default)s)")
-    if img2img:
-        p.add_argument("--strength", type=_float_in(0.0, 1.0), default=0.8,
-                       help="how much the init image is noised, 1.0 destroys it entirely (default: %(default)s)")
-    else:
-        p.add_argument("--H", type=pos1, default=None, help="image height in pixels (default: the model's, 512 for SD2 base)")
-        p.add_argument("--W", type=pos1, default=None, help="image width in pixels (default: the model's, 512 for SD2 base)")
-    p.add_argument("--C", type=pos1, default=None, help="latent channels (default: the model's, 4 for SD2)")
-    p.add_argument("--f", type=pos1, default=None, help="autoencoder downsampling factor (default: the model's, 8 for SD2)")
-    p.add_argument("--n_samples", type=pos1, default=2 if img2img else 3, help="images per prompt batch, the batch size (default: %(default)s)")
-    p.add_argument("--n_rows", type=pos0, default=0, help="images per row of the grid (default: 0, n_samples)")
-    p.add_argument("--scale", type=float, default=9.0,
+        for name in pipeline.samplers[1:]:
+            samplers.add_argument(f"--{name}", action="store_true", help=f"use {SAMPLER_TITLES[name]} sampling")
+    p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
+    p.add_argument("--ddim_eta", type=float_in(0.0), default=0.0, help="DDIM eta, 0.0 for deterministic sampling (default: %(default)s)")
+    p.add_argument("--n_iter", type=positive, default=1, help="sample this often (default: %(default)s)")
+    p.add_argument("--C", type=positive, default=None, help="latent channels (default: the model's, 4 for SD2)")
+    p.add_argument("--f", type=positive, default=None, help="autoencoder downsampling factor (default: the model's, 8 for SD2)")
+    p.add_argument("--n_samples", type=positive, default=1, help="images per prompt batch, the batch size (default: %(default)s)")
+    p.add_argument("--n_rows", type=non_negative, default=0, help="images per row of the grid (default: 0, n_samples)")
+    p.add_argument("--scale", type=finite, default=9.0,
                    help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) (default: %(default)s)")
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
-    p.add_argument("--repeat", type=pos1, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
+    p.add_argument("--repeat", type=positive, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
     p.add_argument("--config", type=str, default=None,
-                   help=f"model config (default: {SD2_CONFIG}, or the demo model when neither --config nor --ckpt is given)")
+                   help=f"model config (default: {pipeline.family_config}" + (", or the demo model when neither --config nor --ckpt is given)" if pipeline.family_config == str(SD2_CONFIG) else ")"))
     p.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
-    p.add_argument("--seed", type=_seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="evaluate at this precision (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on (default: %(default)s)")
@@ -121,42 +75,35 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     bench.add_argument("--random_weights", action="store_true",
                        help="random weights instead of --ckpt (timing only: the images are noise)")
     bench.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
-    bench.add_argument("--vae_slice_size", type=pos1, default=None,
+    bench.add_argument("--vae_slice_size", type=positive, default=None,
                        help=f"decode at most this many latents at a time (default: as many as make {VAE_SLICE_PIXELS // 2**20} Mpixel, at least 1)")
+    bench.add_argument("--vae_tile_size", type=positive, default=None,
+                       help="decode in overlapping tiles of this many latent pixels (default: whole images; tiles are "
+                            "chosen automatically when a whole image would not fit in memory)")
+    p.set_defaults(**pipeline.cli_defaults)
     return p
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Combinations of flags that cannot work, found before anything is loaded."""
-    if getattr(args, "plms", False) and args.ddim_eta != 0:
-        raise UsageError(f"--plms needs --ddim_eta 0 (got {args.ddim_eta})")
-    if getattr(args, "dpm", False) and args.steps < 2:
-        raise UsageError(f"--dpm needs at least 2 --steps (got {args.steps})")
-    if args.disable_flash and args.disable_mem_efficient and args.disable_math:
-        raise UsageError("--disable_flash, --disable_mem_efficient and --disable_math together leave SDPA no backend: keep one")
-    if args.device == "cpu" and args.disable_flash and args.disable_math:
-        raise UsageError("on the CPU, SDPA has only the flash and math backends: --disable_flash and --disable_math leave it none")
-    try:
-        check_implementation(args.attention)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--attention: {e}") from None
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available to this PyTorch; use --device cpu")
-    if args.compile_mode is not None and not args.compile:
-        logger.warning("--compile_mode has no effect without --compile")
-    if args.compile:
-        from torch._inductor import list_mode_options
-
-        modes = ["default", *list_mode_options()]
-        if (args.compile_mode or "default") not in modes:
-            raise UsageError(f"--compile_mode {args.compile_mode!r}: choose one of {', '.join(dict.fromkeys(modes))}")
-    if args.random_weights and args.ckpt:
-        raise UsageError("--random_weights and --ckpt exclude each other")
+def settings_from_args(args: argparse.Namespace) -> tuple[ModelSettings, SamplingSettings, OutputSettings]:
+    """The typed settings the flags describe."""
+    sampler = next((name for name in SAMPLER_TITLES if getattr(args, name, False)), "ddim")
+    model = ModelSettings(
+        config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
+        precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
+        disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
+        compile_mode=args.compile_mode,
+    )
+    sampling = SamplingSettings(sampler, args.steps, args.ddim_eta, args.scale, args.seed, args.fixed_code)
+    output = OutputSettings(
+        outdir=args.outdir, n_samples=args.n_samples, n_iter=args.n_iter, n_rows=args.n_rows, skip_first=args.skip_first,
+        time_file=args.time_file, stats_file=args.stats_file, watermark=not args.no_watermark, vae_slice_size=args.vae_slice_size,
+    )
     if args.repeat != 1 and not args.from_file:
         logger.warning("--repeat only applies to --from-file prompts")
+    return model, sampling, output
 
 
-def check_latent_flags(args: argparse.Namespace, geometry: Geometry) -> None:
+def check_latent_flags(args: argparse.Namespace, geometry) -> None:
     """--f and --C, when given, must be the model's."""
     if args.f is not None and args.f != geometry.vae_factor:
         raise UsageError(f"--f {args.f}: this model's autoencoder downsamples by {geometry.vae_factor}")
@@ -164,27 +111,11 @@ def check_latent_flags(args: argparse.Namespace, geometry: Geometry) -> None:
         raise UsageError(f"--C {args.C}: this model's latents have {geometry.channels} channels")
 
 
-def image_size(args: argparse.Namespace, geometry: Geometry) -> tuple[int, int]:
-    """--H and --W (default: the model's native size), checked against the model's sizes."""
-    native = geometry.latent_size * geometry.vae_factor
-    height, width = args.H or native, args.W or native
-    m = geometry.multiple
-    for flag, side in (("--H", height), ("--W", width)):
-        if side % m:
-            lower, upper = side // m * m, side // m * m + m
-            nearest = f"{lower} or {upper}" if lower else str(upper)
-            raise UsageError(
-                f"{flag} {side}: image sides must be multiples of {m} for this model (autoencoder factor "
-                f"{geometry.vae_factor} x UNet downsampling {geometry.unet_factor}): {m}, {2 * m}, {3 * m}, ...; nearest: {nearest}"
-            )
-    return height, width
-
-
-def read_prompts(args: argparse.Namespace, default: str) -> list[list[str]]:
-    """Prompt batches: n_samples copies of --prompt, or the lines of --from-file in chunks of n_samples."""
-    if not args.from_file:
-        return [args.n_samples * [args.prompt if args.prompt is not None else default]]
-    path = Path(args.from_file)
+def read_prompts(prompt: str | None, from_file: str | None, n_samples: int, default: str, repeat: int = 1) -> list[list[str]]:
+    """Prompt batches: n_samples copies of ``prompt``, or the lines of ``from_file`` in chunks of n_samples."""
+    if not from_file:
+        return [n_samples * [prompt if prompt is not None else default]]
+    path = Path(from_file)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -193,11 +124,11 @@ def read_prompts(args: argparse.Namespace, default: str) -> list[list[str]]:
         raise GenerationError(f"--from-file {path}: not UTF-8 text ({e})") from None
     except OSError as e:
         raise GenerationError(f"--from-file {path}: cannot be read: {e.strerror or e}") from None
-    prompts = [line for line in lines if line.strip() for _ in range(args.repeat)]
+    prompts = [line for line in lines if line.strip() for _ in range(repeat)]
     if not prompts:
         raise GenerationError(f"--from-file {path}: holds no prompts (one per line; blank lines are skipped)")
-    logger.info("read %d prompts from %s", len(prompts) // args.repeat, path)
-    return [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    logger.info("read %d prompts from %s", len(prompts) // repeat, path)
+    return [prompts[i : i + n_samples] for i in range(0, len(prompts), n_samples)]
 
 
 def _check_writable_folder(path: Path, flag: str) -> None:
@@ -211,12 +142,11 @@ def _check_writable_folder(path: Path, flag: str) -> None:
         raise GenerationError(f"{flag} {path}: {existing} is not writable")
 
 
-def check_output_paths(args: argparse.Namespace) -> None:
+def check_output_paths(output: OutputSettings) -> None:
     """Fail now, not after a long run, when an output cannot be written."""
-    _check_writable_folder(Path(args.outdir), "--outdir")
-    for flag, name in (("--time_file", args.time_file), ("--stats_file", args.stats_file)):
-        if name:
-            path = Path(name)
+    _check_writable_folder(output.outdir, "--outdir")
+    for flag, path in (("--time_file", output.time_file), ("--stats_file", output.stats_file)):
+        if path:
             if path.is_dir():
                 raise GenerationError(f"{flag} {path}: is a folder")
             parent = path.parent
@@ -224,7 +154,3 @@ def check_output_paths(args: argparse.Namespace) -> None:
                 raise GenerationError(f"{flag} {path}: folder {parent} does not exist")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise GenerationError(f"{flag} {path}: folder {parent} is not writable")
-
-
-def vae_slice_size(args: argparse.Namespace, height: int, width: int) -> int:
-    return args.vae_slice_size or max(1, VAE_SLICE_PIXELS // (height * width))

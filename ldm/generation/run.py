@@ -1,37 +1,32 @@
-"""A run: checked settings, model and sampler setup, seeding, the timed loop, results files and ``main``."""
+"""A run of any task: seeding, the warm-up, the timed loop, the results files and ``main``."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm, trange
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.devices import device_name, synchronize
 from ldm.fileio import write_text
 from ldm.generation.errors import GenerationError, UsageError
-from ldm.generation.images import ImageWriter, Watermarker, load_init_image, to_uint8
-from ldm.generation.model import (
-    REPO_ROOT, SD2_CONFIG, ModelFiles, check_compile, load_model, make_sampler, model_geometry, read_config, resolve_model_files,
-)
-from ldm.generation.options import (
-    DEFAULT_PROMPTS, DEMO_PROMPT, build_parser, check_flags, check_latent_flags, check_output_paths, image_size, read_prompts,
-    vae_slice_size,
-)
-from ldm.modules.attention import sdpa_backends, set_attention_implementation
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.generation.images import ImageWriter, Watermarker, to_uint8
+from ldm.generation.memory import check_fits
+from ldm.generation.model import REPO_ROOT, SD2_CONFIG, Model
+from ldm.generation.options import DEMO_PROMPT, build_parser, check_latent_flags, check_output_paths, read_prompts, settings_from_args
+from ldm.generation.pipeline import NonFiniteError, Pipeline
+from ldm.generation.settings import OutputSettings
 
 logger = logging.getLogger(__name__)
 
@@ -43,148 +38,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def precision_context(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast as the original (fp16 on CUDA, bf16 on the CPU; bf16 everywhere with --bf16), or nothing."""
-    if args.precision == "autocast" or args.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else None)
-    return contextlib.nullcontext()
-
-
-def decode_latents(model: torch.nn.Module, z: torch.Tensor, slice_size: int) -> torch.Tensor:
-    """Decoded images in [0, 1] on the CPU, at most ``slice_size`` latents per decoder call."""
-    parts = []
-    for i in range(0, z.shape[0], slice_size):
-        x = model.decode_first_stage(z[i : i + slice_size])
-        x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0).cpu()
-        parts.append(x.float() if x.dtype == torch.bfloat16 else x)  # NumPy has no bfloat16
-    return torch.cat(parts)
-
-
-@dataclass
-class Job:
-    """Everything a run needs, resolved and checked."""
-
-    kind: str
-    args: argparse.Namespace
-    device: torch.device
-    files: ModelFiles
-    config: DictConfig
-    batches: list[list[str]]
-    height: int
-    width: int
-    latent_shape: tuple[int, int, int]
-    init_image: torch.Tensor | None = None
-    model: Any = None
-    sampler: Any = None
-    sampler_name: str = ""
-
-    @property
-    def t_enc(self) -> int:
-        """img2img: the DDIM step the init latent is noised to, and the steps then denoised.
-
-        At most steps - 1: the schedule has no step ``steps`` (the original fails at strength 1.0).
-        """
-        return min(int(self.args.strength * self.args.steps), self.args.steps - 1)
-
-    @property
-    def steps_per_batch(self) -> int:
-        """UNet steps one batch takes: a uniform DDIM/PLMS grid of S steps can hold S + 1."""
-        if self.kind == "img2img":
-            return self.t_enc
-        timesteps = getattr(self.sampler, "ddim_timesteps", None)
-        return len(timesteps) if timesteps is not None else self.args.steps
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when inside it."""
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-
-
-def prepare(args: argparse.Namespace, kind: str) -> Job:
-    """Check every input and resolve the run's settings; loads nothing heavy, writes nothing."""
-    check_flags(args)
-    files = resolve_model_files(args)
-    if files.demo:
-        print(
-            f"Using the demo model ({_shown(files.config)}, prompts like {DEMO_PROMPT!r}); for Stable Diffusion 2 pass "
-            f"--config {SD2_CONFIG} --ckpt PATH/TO/v2-1_512-ema-pruned.ckpt"
-        )
-    config = read_config(files.config)
-    geometry = model_geometry(config, files.config)
-    check_latent_flags(args, geometry)
-    init_image = None
-    if kind == "img2img":
-        init_image = load_init_image(args.init_img, geometry.multiple)
-        height, width = init_image.shape[2:]
-    else:
-        height, width = image_size(args, geometry)
-    default_prompt = DEMO_PROMPT if files.demo else DEFAULT_PROMPTS[kind]
-    batches = read_prompts(args, default_prompt)
-    check_output_paths(args)
-    f = geometry.vae_factor
-    return Job(kind, args, torch.device(args.device), files, config, batches, height, width,
-               (geometry.channels, height // f, width // f), init_image)
-
-
-def setup_model(job: Job) -> None:
-    """Load the model, choose its attention kernel and sampler, compile its UNet."""
-    args = job.args
-    if args.compile:
-        check_compile(job.device)
-    model = load_model(job.files, job.config, job.device)
-    if set_attention_implementation(model, args.attention) == 0 and args.attention != "sdpa":
-        logger.warning("--attention %s has no effect: this model's attention is nn.MultiheadAttention (native-MHA layout)", args.attention)
-    sampler, name = make_sampler(model, args, job.device)
-    if name != "dpm":  # DDIM and PLMS: find a step count the schedule cannot take now, not mid-run
-        try:
-            sampler.make_schedule(ddim_num_steps=args.steps, ddim_eta=args.ddim_eta, verbose=False)
-        except (IndexError, ValueError) as e:
-            raise UsageError(f"--steps {args.steps}: {e}") from None
-    elif args.steps < 2:
-        raise UsageError(f"--steps {args.steps}: DPM-Solver++ (2M) needs at least 2 steps")
-    if job.kind == "img2img":
-        logger.info("img2img: the init image is noised by %d of %d steps, then denoised", job.t_enc, args.steps)
-    if args.compile:
-        model.model.diffusion_model.compile(mode=args.compile_mode or "default")
-    job.model, job.sampler, job.sampler_name = model, sampler, name
-
-
-def make_batch_fn(job: Job) -> Callable[[list[str]], torch.Tensor]:
-    """Draw the run's fixed random inputs (the seed is set just before) and return the function
-    that turns a prompt batch into decoded images: text encoding, sampling and VAE decoding."""
-    args, model, sampler, device = job.args, job.model, job.sampler, job.device
-    n = args.n_samples
-    slice_size = vae_slice_size(args, job.height, job.width)
-    if job.kind == "img2img":
-        # Encoded once; the posterior is sampled for the whole batch as the original does.
-        parameters = model.encode_first_stage(job.init_image.to(device)).parameters
-        posterior = DiagonalGaussianDistribution(parameters.expand(n, -1, -1, -1))
-        init_latent = model.get_first_stage_encoding(posterior)
-        noise = torch.randn_like(init_latent) if args.fixed_code else None
-    else:
-        start_code = torch.randn([n, *job.latent_shape], device=device) if args.fixed_code else None
-
-    def latents(prompts: list[str], c: Any, uc: Any) -> torch.Tensor:
-        b = len(prompts)
-        if job.kind == "img2img":
-            t = torch.tensor([job.t_enc] * b).to(device)
-            z = sampler.stochastic_encode(init_latent[:b], t, noise=None if noise is None else noise[:b])
-            return sampler.decode(z, c, job.t_enc, unconditional_guidance_scale=args.scale, unconditional_conditioning=uc)
-        samples, _ = sampler.sample(
-            S=args.steps, conditioning=c, batch_size=b, shape=list(job.latent_shape), verbose=False,
-            unconditional_guidance_scale=args.scale, unconditional_conditioning=uc, eta=args.ddim_eta,
-            x_T=None if start_code is None else start_code[:b],
-        )
-        return samples
-
-    def batch(prompts: list[str]) -> torch.Tensor:
-        uc = model.get_learned_conditioning(len(prompts) * [""]) if args.scale != 1.0 else None
-        c = model.get_learned_conditioning(prompts)
-        return decode_latents(model, latents(prompts, c, uc), slice_size)
-
-    return batch
-
-
 @dataclass
 class Timing:
     seconds: float = 0.0
@@ -194,29 +47,38 @@ class Timing:
     grid: Path | None = None
 
 
-def generate(job: Job, writer: ImageWriter) -> Timing:
-    """Warm up (--skip_first), seed, then the n_iter timed iterations; images are saved untimed."""
-    args, device = job.args, job.device
+def generate(pipeline: Pipeline, batches: list[list[str]], output: OutputSettings, writer: ImageWriter) -> Timing:
+    """Warm up (``skip_first``), seed, then the ``n_iter`` timed iterations; images are saved untimed.
+
+    The images depend on the seed only, not on the warm-up or on how the model was loaded.
+    """
+    model, device, seed = pipeline.model, pipeline.model.device, pipeline.sampling.seed
+    net = model.load()
     timing = Timing()
     grid_images: list[np.ndarray] = []
-    with torch.no_grad(), sdpa_backends(args.disable_flash, args.disable_mem_efficient, args.disable_math), job.model.ema_scope():
-        if args.skip_first:
-            seed_everything(args.seed)
-            batch = make_batch_fn(job)
-            sizes = {len(p): p for p in job.batches}  # one batch of each size: what compilation needs
-            with precision_context(args, device):
+    with torch.no_grad(), model.backends(), net.ema_scope():
+        if output.skip_first:
+            seed_everything(seed)
+            sizes = {len(p): p for p in batches}  # one batch of each size: what compilation needs
+            with model.precision():
+                pipeline.start()
                 for prompts in tqdm(list(sizes.values()), desc="Warm-up"):
-                    batch(prompts)
-        seed_everything(args.seed)  # after loading and warm-up: the images do not depend on either
-        batch = make_batch_fn(job)
+                    pipeline(prompts)
+        seed_everything(seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with precision_context(args, device):
-            for iteration in trange(args.n_iter, desc="Sampling"):
-                for prompts in tqdm(job.batches, desc="data"):
+        with model.precision():
+            pipeline.start()
+            for iteration in trange(output.n_iter, desc="Sampling"):
+                for number, prompts in enumerate(tqdm(batches, desc="data")):
                     synchronize(device)
                     start = time.perf_counter()
-                    images = batch(prompts)
+                    try:
+                        images = pipeline(prompts)
+                    except NonFiniteError as e:
+                        n = timing.images
+                        written = f"; the {n} image{'s' * (n != 1)} written before it {'are' if n != 1 else 'is'} kept" if n else ""
+                        raise NonFiniteError(f"iteration {iteration + 1}, batch {number + 1} ({prompts[0]!r}): {e}{written}") from None
                     synchronize(device)
                     timing.seconds += time.perf_counter() - start
                     timing.batches += 1
@@ -227,91 +89,149 @@ def generate(job: Job, writer: ImageWriter) -> Timing:
                         timing.images += 1
         if device.type == "cuda":
             timing.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(device)
-    prompts = [p for b in job.batches for p in b]
-    timing.grid = writer.grid(grid_images, args.n_rows or args.n_samples, prompts)
+    timing.grid = writer.grid(grid_images, output.n_rows or pipeline.n_samples, [p for b in batches for p in b])
     return timing
 
 
-def image_metadata(job: Job) -> dict[str, str]:
+def image_metadata(pipeline: Pipeline) -> dict[str, str]:
     """The text chunks every PNG carries, enough to rerun it (with its iteration and batch index)."""
-    args = job.args
+    s, files = pipeline.sampling, pipeline.model.files
     meta = {
         "negative_prompt": "",
-        "seed": args.seed,
-        "sampler": job.sampler_name,
-        "steps": args.steps,
-        "scale": args.scale,
-        "size": f"{job.width}x{job.height}",
-        "eta": args.ddim_eta,
-        "n_samples": args.n_samples,
-        "fixed_code": args.fixed_code,
-        "precision": "bf16" if args.bf16 else args.precision,
-        "config": job.files.config.name,
-        "checkpoint": job.files.ckpt.name if job.files.ckpt else "random weights",
-        "software": f"ldm-sd2 {job.kind}",
+        "seed": s.seed,
+        "sampler": s.sampler,
+        "steps": s.steps,
+        "scale": s.scale,
+        "size": f"{pipeline.width}x{pipeline.height}",
+        "eta": s.eta,
+        "n_samples": pipeline.n_samples,
+        "fixed_code": s.fixed_code,
+        "precision": pipeline.model.settings.precision,
+        "config": files.config.name,
+        "checkpoint": files.ckpt.name if files.ckpt else "random weights",
+        "software": f"ldm-sd2 {pipeline.task}",
+        **pipeline.metadata(),
     }
-    if job.kind == "img2img":
-        meta.update(init_image=Path(args.init_img).name, strength=args.strength)
     return {k: str(v) for k, v in meta.items()}
 
 
-def write_results(job: Job, timing: Timing) -> None:
-    args = job.args
-    if args.time_file:
-        write_text(args.time_file, f"{timing.seconds:.6f}\n", overwrite=True)
-    if args.stats_file:
-        stats = {
-            "seconds": timing.seconds,
-            "seconds_per_image": timing.seconds / timing.images,
-            "images": timing.images,
-            "iterations_per_second": timing.batches * job.steps_per_batch / timing.seconds,
-            "peak_gpu_memory_bytes": timing.peak_gpu_memory_bytes,
-            "device": device_name(job.device),
-            "torch": torch.__version__,
-            "script": job.kind,
-            "sampler": job.sampler_name,
-            "steps": args.steps,
-            "H": job.height,
-            "W": job.width,
-            "n_samples": args.n_samples,
-            "n_iter": args.n_iter,
-            "precision": "bf16" if args.bf16 else args.precision,
-            "attention": args.attention,
-            "sdpa_disabled": [n for n in ("flash", "mem_efficient", "math") if getattr(args, f"disable_{n}")],
-            "compile": (args.compile_mode or "default") if args.compile else False,
-            "vae_slice_size": vae_slice_size(args, job.height, job.width),
-        }
-        write_text(args.stats_file, json.dumps(stats, indent=2) + "\n", overwrite=True)
+def run_stats(pipeline: Pipeline, output: OutputSettings, timing: Timing) -> dict:
+    settings = pipeline.model.settings
+    return {
+        "seconds": timing.seconds,
+        "seconds_per_image": timing.seconds / timing.images,
+        "images": timing.images,
+        "iterations_per_second": timing.batches * pipeline.steps_per_batch / timing.seconds,
+        "peak_gpu_memory_bytes": timing.peak_gpu_memory_bytes,
+        "device": device_name(pipeline.model.device),
+        "torch": torch.__version__,
+        "script": pipeline.task,
+        "sampler": pipeline.sampling.sampler,
+        "steps": pipeline.sampling.steps,
+        "H": pipeline.height,
+        "W": pipeline.width,
+        "n_samples": pipeline.n_samples,
+        "n_iter": output.n_iter,
+        "precision": settings.precision,
+        "attention": settings.attention,
+        "sdpa_disabled": [n for n in ("flash", "mem_efficient", "math") if getattr(settings, f"disable_{n}")],
+        "compile": (settings.compile_mode or "default") if settings.compile else False,
+        "vae_slice_size": pipeline.vae_slice_size,
+    }
 
 
-def run(args: argparse.Namespace, kind: str) -> None:
-    job = prepare(args, kind)
-    setup_model(job)
-    writer = ImageWriter(Path(args.outdir), Watermarker(not args.no_watermark), image_metadata(job))
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's OOM error, or the CPU allocator's failure (a plain RuntimeError)."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("DefaultCPUAllocator" in text or "not enough memory" in text)
+    )
+
+
+def run(args, task: str) -> None:
+    """Check every input, then load, generate and write; ``args`` are the parsed flags of ``task``."""
+    from ldm.generation.tasks import TASKS
+
+    model_settings, sampling, output = settings_from_args(args)
+    task_class = TASKS[task]
+    if model_settings.config is None and Path(task_class.family_config) != SD2_CONFIG:
+        # Another family: its own config by default, and no demo model to fall back on.
+        config = Path(task_class.family_config)
+        model_settings.config = config if config.exists() else REPO_ROOT / config
+        if model_settings.ckpt is None and not model_settings.random_weights:
+            raise GenerationError(f"--ckpt is required for {task}: pass its checkpoint (with --config {task_class.family_config})")
+    model = Model(model_settings)
+    if model.files.demo:
+        print(
+            f"Using the demo model ({_shown(model.files.config)}, prompts like {DEMO_PROMPT!r}); for Stable Diffusion 2 pass "
+            f"--config {SD2_CONFIG} --ckpt PATH/TO/v2-1_512-ema-pruned.ckpt"
+        )
+    check_latent_flags(args, model.geometry)
+    pipeline = task_class.from_args(model, sampling, output.n_samples, output.vae_slice_size, args)
+    default_prompt = DEMO_PROMPT if model.files.demo else pipeline.default_prompt
+    batches = read_prompts(args.prompt, args.from_file, output.n_samples, default_prompt, args.repeat)
+    check_output_paths(output)
+    pipeline.vae_tile_size = args.vae_tile_size
+    check_fits(pipeline, guided=sampling.scale != 1.0)
+    if hasattr(pipeline, "t_enc"):
+        logger.info("%s: the init image is noised by %d of %d steps, then denoised", task, pipeline.t_enc, sampling.steps)
+    writer = ImageWriter(output.outdir, Watermarker(output.watermark), image_metadata(pipeline))
     try:
-        timing = generate(job, writer)
+        model.load()
+        timing = generate(pipeline, batches, output, writer)
     except OSError as e:  # a full disk, a folder removed meanwhile: the images written so far are complete
         raise GenerationError(f"writing the output failed: {e}") from None
-    except torch.OutOfMemoryError:
-        raise GenerationError(
-            f"out of {job.device.type.upper()} memory at --n_samples {args.n_samples}: lower --n_samples, "
-            "or --vae_slice_size if it failed while decoding"
-        ) from None
-    except RuntimeError as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if _out_of_memory(e):
+            raise GenerationError(
+                f"out of {model.device.type.upper()} memory at {pipeline.width}x{pipeline.height}, --n_samples {output.n_samples}: "
+                "lower --n_samples or the size, or --vae_slice_size if it failed while decoding"
+            ) from None
         message = str(e)
         if "No available kernel" in message or "No viable backend" in message:
-            raise GenerationError(f"the SDPA backends left enabled cannot run this model's attention on {job.device.type}: {message.splitlines()[0]}") from None
-        if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise GenerationError(f"the SDPA backends left enabled cannot run this model's attention on {model.device.type}: {message.splitlines()[0]}") from None
+        if model_settings.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise GenerationError(f"torch.compile failed on the UNet: {message.strip().splitlines()[0]}") from None
         raise
-    write_results(job, timing)
+    if output.time_file:
+        write_text(output.time_file, f"{timing.seconds:.6f}\n", overwrite=True)
+    if output.stats_file:
+        write_text(output.stats_file, json.dumps(run_stats(pipeline, output, timing), indent=2) + "\n", overwrite=True)
     first, last = writer.saved[0].name, writer.saved[-1].name
     names = first if first == last else f"{first} to {last}"
     plural = "s" if timing.images != 1 else ""
     print(
         f"{timing.images} image{plural} in {writer.sample_dir} ({names}), grid {timing.grid}; "
-        f"{timing.seconds / timing.images:.3f} s/image, {timing.batches * job.steps_per_batch / timing.seconds:.2f} it/s"
+        f"{timing.seconds / timing.images:.3f} s/image, {timing.batches * pipeline.steps_per_batch / timing.seconds:.2f} it/s"
     )
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (SLURM, Kubernetes and torchrun stop jobs with it)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread, so a run stops as on Ctrl-C:
+    between two writes (each file is written atomically), with a message and a non-zero status."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals to the application
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -338,16 +258,16 @@ def cli_logging() -> Iterator[None]:
         package.setLevel(old_package)
 
 
-def main(argv: Sequence[str] | None = None, kind: str = "txt2img") -> int:
-    """The command line of ``kind`` ("txt2img" or "img2img"); returns the exit status."""
-    parser = build_parser(kind)
+def main(argv: Sequence[str] | None = None, task: str = "txt2img") -> int:
+    """The command line of ``task`` (a name in ``ldm.generation.tasks.TASKS``); returns the exit status."""
+    parser = build_parser(task)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (already printed)
         return int(e.code or 0)
-    with cli_logging():
+    with cli_logging(), sigterm_as_exception():
         try:
-            run(args, kind)
+            run(args, task)
         except UsageError as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return 2
@@ -357,4 +277,7 @@ def main(argv: Sequence[str] | None = None, kind: str = "txt2img") -> int:
         except KeyboardInterrupt:
             print(f"{parser.prog}: interrupted (images written so far are complete)", file=sys.stderr)
             return 130
+        except Terminated:
+            print(f"{parser.prog}: terminated by SIGTERM (images written so far are complete)", file=sys.stderr)
+            return 128 + signal.SIGTERM
     return 0

@@ -43,10 +43,10 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         if ckpt_path is not None:
-            from ldm.checkpoint import load_state_dict
+            from ldm.checkpoint import apply_state_dict, load_state_dict
 
             state = load_state_dict(ckpt_path)
-            self.load_state_dict({k: v for k, v in state.items() if not k.startswith(tuple(ignore_keys))})
+            apply_state_dict(self, {k: v for k, v in state.items() if not k.startswith(tuple(ignore_keys))})
 
     @property
     def downsampling_factor(self) -> int:

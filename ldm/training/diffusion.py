@@ -13,13 +13,16 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ldm.loading import load_config
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+TRAINER_STATE_KEY = "ldm_diffusion_trainer_state"
+"""Checkpoint entry holding the trainer's own state: caption-dropout generator and caches."""
 
 
 def load_first_stage(model: LatentDiffusion, path: str | os.PathLike) -> None:
@@ -29,16 +32,12 @@ def load_first_stage(model: LatentDiffusion, path: str | os.PathLike) -> None:
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = model.first_stage_model.state_dict()
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
+    try:
+        apply_state_dict(model.first_stage_model, state)
+    except CheckpointError as e:
         raise CheckpointError(
-            f"{path} does not fit the config's first_stage_config (missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]}, shape mismatches {sorted(shapes)[:4]}): "
-            "was the autoencoder trained with another config?"
-        )
-    model.first_stage_model.load_state_dict(state)
+            f"{path} does not fit the config's first_stage_config (was the autoencoder trained with another config?): {e}"
+        ) from None
 
 
 class LatentDiffusionTrainer(pl.LightningModule):
@@ -88,10 +87,32 @@ class LatentDiffusionTrainer(pl.LightningModule):
         self.image_key, self.caption_key = image_key, caption_key
         self._context_cache: dict[str, torch.Tensor] = {}
         self._posterior_cache: dict[int, torch.Tensor] = {}
-        self._caption_rng = random.Random(0)
+        self._caption_rng: random.Random | None = None
 
     def on_fit_start(self) -> None:
-        self._caption_rng = random.Random(torch.initial_seed())
+        if self._caption_rng is None:  # a resumed run has it from its checkpoint already
+            self._caption_rng = random.Random(torch.initial_seed())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save what a resumed run needs to continue exactly: the caption-dropout generator, and
+        the caches, as recomputing an entry in another batch may round differently."""
+        indices = sorted(self._posterior_cache)
+        checkpoint[TRAINER_STATE_KEY] = {
+            "caption_rng": self._caption_rng.getstate(),
+            "contexts": dict(self._context_cache),
+            "posterior_indices": torch.tensor(indices, dtype=torch.long),
+            "posteriors": torch.stack([self._posterior_cache[i] for i in indices]) if indices else torch.empty(0),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(TRAINER_STATE_KEY)
+        if state is None:
+            logger.warning("the checkpoint predates exact resumption: caption dropout restarts its random stream")
+            return
+        self._caption_rng = random.Random()
+        self._caption_rng.setstate(state["caption_rng"])
+        self._context_cache = dict(state["contexts"])
+        self._posterior_cache = dict(zip(state["posterior_indices"].tolist(), state["posteriors"]))
 
     def train(self, mode: bool = True) -> "LatentDiffusionTrainer":
         """Only the UNet trains; the autoencoder and the text encoder stay in eval mode."""
@@ -123,7 +144,7 @@ class LatentDiffusionTrainer(pl.LightningModule):
             params = self.model.encode_first_stage(images[todo]).parameters
             for n, p in zip(todo, params):
                 self._posterior_cache[indices[n]] = p
-        params = torch.stack([self._posterior_cache[i] for i in indices])
+        params = torch.stack([self._posterior_cache[i] for i in indices]).to(images.device)
         return self.model.get_first_stage_encoding(DiagonalGaussianDistribution(params))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:

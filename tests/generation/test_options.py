@@ -1,15 +1,21 @@
-"""ldm/generation/options.py: flag names and defaults, bad values, image size, prompt files, VAE slicing."""
+"""ldm/generation/options.py and settings.py: flag names and defaults, bad values (also under
+Hypothesis: any input parses or is a usage error), image size, prompt files, VAE slicing."""
 
 from __future__ import annotations
 
-import argparse
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from conftest import CONFIGS
 from ldm.generation import options
 from ldm.generation.errors import GenerationError, UsageError
-from ldm.generation.model import Geometry
+from ldm.generation.model import Model
+from ldm.generation.settings import ModelSettings, SamplingSettings
+from ldm.generation.tasks import Txt2ImgPipeline
 
 ORIGINAL_TXT2IMG_DEFAULTS = {
     "outdir": "outputs/txt2img-samples", "steps": 50, "plms": False, "dpm": False, "fixed_code": False, "ddim_eta": 0.0,
@@ -52,40 +58,99 @@ def test_bad_flag_values_are_usage_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def _args(**kw) -> argparse.Namespace:
-    """Parsed txt2img flags; ``name=True`` for a switch."""
-    argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in kw.items()]
-    return options.build_parser("txt2img").parse_args(["--device", "cpu", *argv])
+@pytest.mark.parametrize("flag", ["--scale", "--ddim_eta"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_float_flags_must_be_finite(flag, value, capsys):
+    """NaN or infinite guidance made all-black images that were written as results."""
+    with pytest.raises(SystemExit) as e:
+        options.build_parser("txt2img").parse_args([f"{flag}={value}"])
+    assert e.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        options.build_parser("img2img").parse_args(["--init-img", "x.png", f"--strength={value}"])
 
 
-def test_image_size_defaults_to_the_model_and_names_valid_sizes():
-    sd2 = Geometry(channels=4, vae_factor=8, unet_factor=8, latent_size=64)
-    assert options.image_size(_args(), sd2) == (512, 512)
-    assert options.image_size(_args(H=768, W=640), sd2) == (768, 640)
+def test_sampling_settings_refuse_non_finite_numbers():
+    with pytest.raises(UsageError, match="scale must be a finite number"):
+        SamplingSettings(scale=float("nan"))
+    with pytest.raises(UsageError, match="eta must be a finite number"):
+        SamplingSettings(eta=float("inf"))
+
+
+@pytest.fixture(scope="module")
+def sd2_model() -> Model:
+    """The SD2 base model resolved and checked, not loaded (built on the meta device)."""
+    return Model(ModelSettings(config=CONFIGS / "v2-inference.yaml", random_weights=True, device="cpu"))
+
+
+def test_image_size_defaults_to_the_model_and_names_valid_sizes(sd2_model):
+    def size(**kw):
+        return Txt2ImgPipeline(sd2_model, SamplingSettings(), **kw).image_size()
+
+    assert size() == (512, 512)
+    assert size(height=768, width=640) == (768, 640)
     with pytest.raises(UsageError, match=r"--W 500: image sides must be multiples of 64 .* nearest: 448 or 512"):
-        options.image_size(_args(W=500), sd2)
+        size(width=500)
+    args = options.build_parser("txt2img").parse_args(["--f", "16", "--C", "8"])
     with pytest.raises(UsageError, match="--f 16: this model's autoencoder downsamples by 8"):
-        options.check_latent_flags(_args(f=16), sd2)
-    with pytest.raises(UsageError, match="--C 8"):
-        options.check_latent_flags(_args(C=8), sd2)
+        options.check_latent_flags(args, sd2_model.geometry)
 
 
 def test_read_prompts_batches_and_repeats(tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("a\n\n  \nb\nc\n", encoding="utf-8")
-    args = _args(n_samples=2, repeat=2, **{"from-file": file})
-    assert options.read_prompts(args, "default") == [["a", "a"], ["b", "b"], ["c", "c"]]
-    assert options.read_prompts(_args(n_samples=3), "default") == [["default"] * 3]
+    assert options.read_prompts(None, str(file), 2, "default", repeat=2) == [["a", "a"], ["b", "b"], ["c", "c"]]
+    assert options.read_prompts(None, None, 3, "default") == [["default"] * 3]
     file.write_text("\n \n")
     with pytest.raises(GenerationError, match="holds no prompts"):
-        options.read_prompts(_args(**{"from-file": file}), "x")
+        options.read_prompts(None, str(file), 1, "x")
     file.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(GenerationError, match="not UTF-8"):
-        options.read_prompts(_args(**{"from-file": file}), "x")
+        options.read_prompts(None, str(file), 1, "x")
 
 
-def test_automatic_vae_slice_size():
-    assert options.vae_slice_size(_args(), 512, 512) == 4
-    assert options.vae_slice_size(_args(), 768, 768) == 1
-    assert options.vae_slice_size(_args(), 64, 64) == 256
-    assert options.vae_slice_size(_args(vae_slice_size=3), 64, 64) == 3
+def test_automatic_vae_slice_size(sd2_model):
+    def slice_size(side, given=None):
+        return Txt2ImgPipeline(sd2_model, SamplingSettings(), height=side, width=side, vae_slice_size=given).vae_slice_size
+
+    assert (slice_size(512), slice_size(768), slice_size(64), slice_size(64, 3)) == (4, 1, 256, 3)
+
+
+# -- any input gives a result or the project's own error (Hypothesis) ------------------------
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.binary(max_size=200))
+def test_prompt_file_reader_on_any_bytes(tmp_path_factory, data):
+    file = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    file.write_bytes(data)
+    try:
+        batches = options.read_prompts(None, str(file), 2, "x")
+    except GenerationError:
+        return
+    assert batches and all(1 <= len(b) <= 2 and all(p.strip() for p in b) for b in batches)
+
+
+NUMERIC_FLAGS = ["--steps", "--n_samples", "--n_iter", "--n_rows", "--scale", "--ddim_eta", "--seed", "--H", "--W"]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.sampled_from(NUMERIC_FLAGS), st.one_of(st.text(max_size=12), st.integers().map(str), st.floats().map(str)))
+def test_numeric_flags_parse_or_exit_with_usage(flag, text):
+    parser = options.build_parser("txt2img")
+    parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(SystemExit(status))
+    try:
+        args = parser.parse_args([f"{flag}={text}"])
+    except SystemExit as e:
+        assert e.code == 2
+        return
+    value = getattr(args, flag.lstrip("-"))
+    assert math.isfinite(value)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(st.integers(min_value=1, max_value=10**6), st.integers(min_value=1, max_value=10**6))
+def test_size_checks_accept_or_explain(sd2_model, height, width):
+    try:
+        h, w = Txt2ImgPipeline(sd2_model, SamplingSettings(), height=height, width=width).image_size()
+    except UsageError as e:
+        assert "must be multiples of 64" in str(e)
+        return
+    assert (h, w) == (height, width) and h % 64 == 0 == w % 64

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import diffusers_vae_twin, rel_err, tiny_config, tiny_unclip_config, tiny_x4_config
 
 RTOL = 1e-4
@@ -72,7 +73,7 @@ def test_decode_first_stage_divides_as_the_original(tiny_eps_model):
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         expected = tiny_eps_model.first_stage_model.decode(1.0 / tiny_eps_model.scale_factor * z)
-        assert torch.equal(tiny_eps_model.decode_first_stage(z), expected)
+        assert torch.equal(tiny_eps_model.decode_first_stage(z), expected)  # the same operations: bit for bit
 
 
 @pytest.fixture(scope="module", params=["x4", "unclip"])

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import ROOT
 from ldm.generation import main
 from ldm.generation.images import load_init_image
-from ldm.generation.options import DEFAULT_PROMPTS
+from ldm.generation.tasks import TASKS
 from ldm.generation.run import seed_everything
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -62,7 +62,7 @@ def test_files_sizes_and_metadata(runs):
     with Image.open(timed / "samples" / "00003.png") as image:
         assert image.size == (80, 64)
         text = dict(image.text)
-    expected = {"prompt": DEFAULT_PROMPTS["img2img"], "negative_prompt": "", "init_image": "init.png", "strength": "0.5",
+    expected = {"prompt": TASKS["img2img"].default_prompt, "negative_prompt": "", "init_image": "init.png", "strength": "0.5",
                 "sampler": "ddim", "steps": "4", "seed": "42", "size": "80x64", "iteration": "1", "batch_index": "1"}  # fmt: skip
     assert {k: text[k] for k in expected} == expected
 
@@ -91,7 +91,7 @@ def test_pixels_match_the_original_img2img_loop(runs, tiny_files):
         t_enc = int(0.5 * 4)
         for _ in range(2):
             uc = model.get_learned_conditioning(2 * [""])
-            c = model.get_learned_conditioning(2 * [DEFAULT_PROMPTS["img2img"]])
+            c = model.get_learned_conditioning(2 * [TASKS["img2img"].default_prompt])
             z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc] * 2))
             z = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=9.0, unconditional_conditioning=uc)
             x = torch.clamp((model.decode_first_stage(z) + 1.0) / 2.0, min=0.0, max=1.0)

@@ -23,7 +23,8 @@ from PIL import Image
 from conftest import ROOT
 from ldm.generation import main
 from ldm.generation import model as generation_model
-from ldm.generation.options import DEFAULT_PROMPTS, DEMO_PROMPT
+from ldm.generation.options import DEMO_PROMPT
+from ldm.generation.tasks import TASKS
 from ldm.generation.run import seed_everything
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -87,13 +88,13 @@ def test_time_and_stats_files(runs):
 def test_png_metadata_describes_the_image(runs, tiny_files):
     with Image.open(runs["timed"] / "samples" / "00009.png") as image:
         text = dict(image.text)
-    assert text["prompt"] == DEFAULT_PROMPTS["txt2img"] and text["negative_prompt"] == ""
+    assert text["prompt"] == TASKS["txt2img"].default_prompt and text["negative_prompt"] == ""
     expected = {"seed": "42", "sampler": "ddim", "steps": "2", "scale": "9.0", "size": "64x64", "eta": "0.0",
                 "iteration": "1", "batch_index": "0", "config": tiny_files["config"].name,
                 "checkpoint": tiny_files["safetensors"].name}  # fmt: skip
     assert {k: text[k] for k in expected} == expected
     with Image.open(runs["timed"] / "grid-0000.png") as grid:
-        assert grid.text["prompt"] == DEFAULT_PROMPTS["txt2img"]
+        assert grid.text["prompt"] == TASKS["txt2img"].default_prompt
         assert grid.size == (66 + 2, 2 * 66 + 2)  # n_rows = n_samples = 1: one column of two, padding 2
 
 
@@ -117,12 +118,12 @@ def test_pixels_match_the_original_scripts_loop(runs, tiny_files):
     with torch.no_grad(), model.ema_scope():
         for _ in range(2):
             uc = model.get_learned_conditioning([""])
-            c = model.get_learned_conditioning([DEFAULT_PROMPTS["txt2img"]])
+            c = model.get_learned_conditioning([TASKS["txt2img"].default_prompt])
             z, _ = sampler.sample(S=2, conditioning=c, batch_size=1, shape=[4, 8, 8], verbose=False,
                                   unconditional_guidance_scale=9.0, unconditional_conditioning=uc, eta=0.0, x_T=None)
             x = torch.clamp((model.decode_first_stage(z) + 1.0) / 2.0, min=0.0, max=1.0)
             expected += [(255.0 * s.cpu().numpy().transpose(1, 2, 0)).astype(np.uint8) for s in x]
-    for path, want in zip(samples(runs["plain"]), expected):
+    for path, want in zip(samples(runs["plain"]), expected):  # this package's code on both sides: bit for bit
         np.testing.assert_array_equal(pixels(path), want)
 
 

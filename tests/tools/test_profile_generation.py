@@ -31,7 +31,7 @@ def test_table_and_json(tiny_files, tmp_path, capsys):
     folder = tmp_path
     argv = [
         "--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--device", "cpu",
-        "--H", "64", "--W", "64", "--steps", "2", "--sampler", "ddim", "--n_samples", "1",
+        "--H", "64", "--W", "64", "--steps", "2", "--n_samples", "1", "--precision", "full",
         "--json", str(folder / "profile.json"), "--trace", str(folder / "trace.json"),
     ]
     assert tool.main(argv) == 0

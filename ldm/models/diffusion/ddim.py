@@ -107,12 +107,7 @@ class DDIMSampler:
         temperature: float = 1.0, noise_dropout: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step at schedule ``index``: returns the next latent and the predicted x0."""
-        out = guided(x, t)
-        if self.model.parameterization == "v":
-            e_t = self.model.predict_eps_from_z_and_v(x, t, out)
-            pred_x0 = self.model.predict_start_from_z_and_v(x, t, out)
-        else:
-            e_t, pred_x0 = out, None
+        e_t, pred_x0 = guided.predict(x, t)
         return self.schedule.step(x, e_t, index, pred_x0, temperature, noise_dropout)
 
     @torch.no_grad()

@@ -196,10 +196,10 @@ class LatentDiffusion(nn.Module):
         )
 
     def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (
-            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
-            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
-        )
+        from ldm.models.diffusion.sampling import eps_from_v
+
+        alpha = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape)
+        return eps_from_v(v, x_t, alpha, extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape))
 
     # -- the entry points of the original ---------------------------------------------
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, return_ids: bool = False) -> torch.Tensor:

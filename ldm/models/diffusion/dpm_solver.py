@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import _unsupported
-from ldm.models.diffusion.sampling import GuidedModel
+from ldm.models.diffusion.sampling import GuidedModel, eps_from_v
 
 
 class DiscreteVPSchedule:
@@ -103,7 +103,7 @@ class DPMSolverSampler:
             """x0 predicted at grid point ``i`` (DPM-Solver++ works on data predictions)."""
             out = guided(x, model_time[i])
             alpha, sigma = plan["alpha"][i], plan["sigma"][i]
-            noise = alpha * out + sigma * x if self.model.parameterization == "v" else out
+            noise = eps_from_v(out, x, alpha, sigma) if self.model.parameterization == "v" else out
             return (x - sigma * noise) / alpha
 
         m_prev = m_cur = data_prediction(x, 0)
@@ -114,4 +114,6 @@ class DPMSolverSampler:
                 m_prev, m_cur = m_cur, data_prediction(x, i)
             if callback:
                 callback(i - 1)
+            if img_callback:
+                img_callback(x, i - 1)
         return x, None

@@ -47,8 +47,7 @@ class PLMSSampler(DDIMSampler):
         guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
 
         def noise_estimate(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = guided(x, t)
-            return self.model.predict_eps_from_z_and_v(x, t, out) if self.model.parameterization == "v" else out
+            return guided.predict(x, t)[0]
 
         def step(x: torch.Tensor, ts: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal old_eps

@@ -37,6 +37,20 @@ class GuidedModel:
         out_uncond, out_cond = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), self.cond).chunk(2)
         return out_uncond + self.scale * (out_cond - out_uncond)
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The noise estimate at integer timesteps ``t``, and for v-models also the x0 the
+        v-prediction implies (the original DDIM takes x0 from v directly, not from the noise)."""
+        out = self(x, t)
+        if self.model.parameterization != "v":
+            return out, None
+        return self.model.predict_eps_from_z_and_v(x, t, out), self.model.predict_start_from_z_and_v(x, t, out)
+
+
+def eps_from_v(v: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise a v-prediction implies for ``x = alpha * x0 + sigma * noise``: every sampler's
+    v-to-eps conversion (v = alpha * noise - sigma * x0, with alpha^2 + sigma^2 = 1)."""
+    return alpha * v + sigma * x
+
 
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
     """The DDPM timesteps a DDIM/PLMS run visits, ascending, with the original's +1 offset."""

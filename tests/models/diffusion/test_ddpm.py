@@ -36,6 +36,7 @@ def original_schedule(timesteps: int = 1000, start: float = 0.00085, end: float 
 
 
 def test_schedule_buffers_equal_the_original_exactly(tiny_eps_model):
+    # Bit for bit: both sides call the same float64 NumPy/PyTorch functions in the same order.
     expected = original_schedule()
     for name, value in expected.items():
         buf = getattr(tiny_eps_model, name)

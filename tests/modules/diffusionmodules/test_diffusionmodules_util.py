@@ -40,6 +40,7 @@ def test_timestep_embedding_is_the_original_cos_sin_layout(dim):
     expected = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         expected = torch.cat([expected, torch.zeros(4, 1)], dim=-1)
+    # Bit for bit: the same PyTorch operations in the same order (diffusers' version, below, is another).
     assert torch.equal(timestep_embedding(t, dim), expected)
 
 

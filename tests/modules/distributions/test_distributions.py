@@ -26,7 +26,7 @@ def test_sample_uses_the_global_cpu_stream_like_the_original():
     sample = d.sample()
     torch.manual_seed(123)
     expected = d.mean + d.std * torch.randn(d.mean.shape)
-    assert torch.equal(sample, expected)
+    assert torch.equal(sample, expected)  # bit for bit: the same operations on the same draws
     gen = torch.Generator().manual_seed(9)
     assert torch.equal(d.sample(gen), d.mean + d.std * torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(9)))
 

@@ -1,0 +1,208 @@
+"""The core every task shares: a pipeline turns a prompt batch into checked, decoded images on a
+:class:`~ldm.generation.model.Model`. A task (``ldm.generation.tasks``) is a subclass that says
+how big its images are, what conditions the UNet, and how sampling starts."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from ldm.generation.errors import GenerationError, UsageError
+from ldm.generation.model import Model
+from ldm.generation.settings import SamplingSettings
+from ldm.generation.tiling import decode_tiled
+from ldm.models.diffusion.samplers import SAMPLERS, make_sampler
+from ldm.models.diffusion.sampling import make_ddim_timesteps
+
+VAE_SLICE_PIXELS = 4 * 512 * 512  # automatic slice size: about 1 Mpixel per decoder call
+FP16_ADVICE = (
+    "likely fixes: --precision full, or --bf16 (fp16 overflows in the 768-v model's attention), "
+    "or float32 attention scores (--attention vanilla with ATTN_PRECISION=fp32)"
+)
+
+
+class NonFiniteError(GenerationError):
+    """Sampling or decoding produced NaN or inf: never written as if it were an image."""
+
+
+class FiniteWatch:
+    """The first sampler step whose latents were not finite, recorded on the device (no host sync
+    per step) and read once, only when a batch turned out non-finite."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def __call__(self, x: torch.Tensor, step: int) -> None:
+        bad = (self.first < 0) & ~torch.isfinite(x).all()
+        self.first = torch.where(bad, torch.full_like(self.first, step), self.first)
+
+    def step(self) -> int | None:
+        first = int(self.first)
+        return first if first >= 0 else None
+
+
+def all_finite(value: Any) -> bool:
+    """Whether a tensor, or every tensor of a list or dict of them, is finite."""
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
+
+
+class Pipeline:
+    """One task on a model: ``pipeline(prompts)`` returns images in [0, 1], (b, 3, h, w), on the CPU.
+
+    Construction checks every setting against the model's sizes and loads nothing; the first call
+    loads the model. Call :meth:`start` right after seeding to draw the run's fixed random inputs.
+    """
+
+    task: ClassVar[str]
+    script: ClassVar[str | None] = None  # the command's name, when not ``{task}.py``
+    default_prompt: ClassVar[str]
+    families: ClassVar[tuple[str, ...]] = ("LatentDiffusion",)  # the model classes that serve the task
+    family_config: ClassVar[str] = "configs/stable-diffusion/v2-inference.yaml"
+    samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)
+    step_flags: ClassVar[tuple[str, ...]] = ("--steps",)  # the CLI's names for SamplingSettings.steps
+    cli_defaults: ClassVar[dict[str, Any]] = {}  # the original script's or demo's defaults, by flag destination
+    # The original's demos for some tasks draw the starting noise from np.random.RandomState(seed).
+    numpy_start_code: ClassVar[bool] = False
+
+    def __init__(self, model: Model, sampling: SamplingSettings, n_samples: int = 1, vae_slice_size: int | None = None):
+        self.model = model
+        self.sampling = sampling
+        self.n_samples = n_samples
+        self.progress: Callable[[int, int], None] | None = None  # (steps done, steps in all), per step
+        self.crop: tuple[int, int] | None = None  # output height and width, when the input was padded
+        self.vae_tile_size: int | None = None  # decode in tiles of this many latent pixels (see ldm.generation.tiling)
+        if model.target not in self.families:
+            raise UsageError(
+                f"the {self.task} task needs a {' or '.join(self.families)} model (e.g. --config {self.family_config}); "
+                f"{model.files.config} describes a {model.target}"
+            )
+        self._check_sampling()
+        self.height, self.width = self.image_size()
+        self.vae_slice_size = vae_slice_size or max(1, VAE_SLICE_PIXELS // (self.height * self.width))
+        self._sampler: Any = None
+        self.start_code: torch.Tensor | None = None
+        self._prng: np.random.RandomState | None = None
+
+    # -- what a task defines ----------------------------------------------------------
+    def image_size(self) -> tuple[int, int]:
+        """Height and width of the images, checked against the model's sizes."""
+        raise NotImplementedError
+
+    def conditioning(self, prompts: list[str]) -> tuple[Any, Any]:
+        """The UNet's conditioning and its unconditional twin (None without guidance)."""
+        net = self.net
+        uc = net.get_learned_conditioning(len(prompts) * [""]) if self.sampling.scale != 1.0 else None
+        return net.get_learned_conditioning(prompts), uc
+
+    def start(self) -> None:
+        """Draw the run's fixed random inputs; the caller seeds right before."""
+        self._prng = np.random.RandomState(self.sampling.seed) if self.numpy_start_code else None
+        self.start_code = self._noise(self.n_samples) if self.sampling.fixed_code else None
+
+    def _noise(self, batch_size: int) -> torch.Tensor | None:
+        """Starting latents: from the NumPy stream where the original's demo draws them so, else
+        None (the sampler draws them from torch's generator, as the original scripts)."""
+        if self.start_code is not None:
+            return self.start_code[:batch_size]
+        if self._prng is not None:
+            x = self._prng.randn(batch_size, *self.latent_shape)
+            return torch.from_numpy(x).to(device=self.model.device, dtype=torch.float32)
+        if self.sampling.fixed_code:
+            return torch.randn([batch_size, *self.latent_shape], device=self.model.device)
+        return None
+
+    def sample(self, c: Any, uc: Any, batch_size: int, watch: FiniteWatch) -> torch.Tensor:
+        """Latents for one batch: the sampler's full run from noise."""
+        s = self.sampling
+        samples, _ = self.sampler.sample(
+            S=s.steps, conditioning=c, batch_size=batch_size, shape=list(self.latent_shape), verbose=False,
+            unconditional_guidance_scale=s.scale, unconditional_conditioning=uc, eta=s.eta,
+            x_T=self._noise(batch_size), img_callback=watch, callback=self._step_done,
+        )
+        return samples
+
+    def metadata(self) -> dict[str, Any]:
+        """What a PNG of this task records beyond the shared settings."""
+        return {}
+
+    @property
+    def steps_per_batch(self) -> int:
+        """UNet steps one batch takes: a uniform DDIM/PLMS grid of S steps can hold S + 1."""
+        if self.sampling.sampler == "dpm":
+            return self.sampling.steps
+        return len(make_ddim_timesteps("uniform", self.sampling.steps, self.model.num_timesteps))
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.model.load()
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.model.geometry.vae_factor
+        return (self.model.geometry.channels, self.height // f, self.width // f)
+
+    @property
+    def sampler(self) -> Any:
+        if self._sampler is None:
+            self._sampler = make_sampler(self.sampling.sampler, self.net, self.model.device)
+            if self.sampling.sampler != "dpm":
+                self._sampler.make_schedule(ddim_num_steps=self.sampling.steps, ddim_eta=self.sampling.eta, verbose=False)
+        return self._sampler
+
+    def _check_sampling(self) -> None:
+        s = self.sampling
+        if s.sampler not in self.samplers:
+            raise UsageError(f"the {self.task} task samples with {' or '.join(self.samplers)}, not {s.sampler}")
+        if s.sampler == "plms" and s.eta != 0:
+            raise UsageError(f"--plms needs --ddim_eta 0 (got {s.eta})")
+        if s.sampler == "dpm":
+            if s.steps < 2:
+                raise UsageError(f"--dpm needs at least 2 --steps (got {s.steps})")
+            return
+        try:
+            make_ddim_timesteps("uniform", s.steps, self.model.num_timesteps)
+        except ValueError as e:
+            raise UsageError(f"--steps {s.steps}: {e}") from None
+
+    def _step_done(self, i: int) -> None:
+        if self.progress is not None:
+            self.progress(i + 1, self.steps_per_batch)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (not yet on the CPU), at most ``vae_slice_size`` latents per decoder call."""
+        net = self.net
+        decode = net.decode_first_stage
+        if self.vae_tile_size:
+            def decode(z_slice: torch.Tensor) -> torch.Tensor:
+                tile = self.vae_tile_size
+                return decode_tiled(net.decode_first_stage, z_slice, self.model.geometry.vae_factor, tile, tile // 4)
+        parts = [decode(z[i : i + self.vae_slice_size]) for i in range(0, z.shape[0], self.vae_slice_size)]
+        images = torch.clamp((torch.cat(parts) + 1.0) / 2.0, min=0.0, max=1.0)
+        return images if self.crop is None else images[:, :, : self.crop[0], : self.crop[1]]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        watch = FiniteWatch(self.model.device)
+        c, uc = self.conditioning(prompts)
+        z = self.sample(c, uc, len(prompts), watch)
+        images = self.decode(z)
+        finite = torch.isfinite(z).all() & torch.isfinite(images).all()  # one host sync per batch
+        if not finite:
+            raise NonFiniteError(self._where_non_finite(c, uc, z, watch))
+        return images.float().cpu()  # NumPy has no bfloat16
+
+    def _where_non_finite(self, c: Any, uc: Any, z: torch.Tensor, watch: FiniteWatch) -> str:
+        if not (all_finite(c) and all_finite(uc)):
+            where = "the text encoder's output"
+        elif not bool(torch.isfinite(z).all()):
+            step = watch.step()
+            where = f"the UNet at sampling step {step + 1} of {self.steps_per_batch}" if step is not None else "sampling"
+        else:
+            where = "the decoder"
+        return f"{where} produced NaN or inf values; {FP16_ADVICE}"

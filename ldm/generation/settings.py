@@ -1,0 +1,82 @@
+"""Typed settings of a generation run, separate from the command line: the CLI parses flags into
+them, Python users build them directly. Every field has the original script's default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm.generation.errors import UsageError
+
+PRECISIONS = ("full", "autocast", "bf16")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ModelSettings:
+    """Which model, on which device, computed how.
+
+    ``config``/``ckpt`` both None: the embedded demo model. ``precision``: "full" (float32),
+    "autocast" (the original's: fp16 on CUDA, bf16 on the CPU) or "bf16" (autocast to bfloat16).
+    """
+
+    config: Path | None = None
+    ckpt: Path | None = None
+    random_weights: bool = False
+    device: str = field(default_factory=default_device)
+    precision: str = "autocast"
+    attention: str = "sdpa"
+    disable_flash: bool = False
+    disable_mem_efficient: bool = False
+    disable_math: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        self.config = Path(self.config) if self.config is not None else None
+        self.ckpt = Path(self.ckpt) if self.ckpt is not None else None
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class SamplingSettings:
+    """The sampler and its parameters; ``seed`` makes a run reproducible."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    scale: float = 9.0
+    seed: int = 42
+    fixed_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"{name} must be a finite number, got {getattr(self, name)}")
+
+
+@dataclass
+class OutputSettings:
+    """Where and how results are written, and the benchmark's timing options."""
+
+    outdir: Path = Path("outputs/txt2img-samples")
+    n_samples: int = 3
+    n_iter: int = 1
+    n_rows: int = 0
+    skip_first: bool = False
+    time_file: Path | None = None
+    stats_file: Path | None = None
+    watermark: bool = True
+    vae_slice_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.outdir = Path(self.outdir)
+        self.time_file = Path(self.time_file) if self.time_file is not None else None
+        self.stats_file = Path(self.stats_file) if self.stats_file is not None else None
