@@ -23,7 +23,7 @@ setup(
         # The web UI (scripts/webui.py); its tests drive it with gradio_client and Playwright (the
         # browser itself is the system's Chromium: apt-get install chromium).
         "webui": ["gradio>=6,<7", "gradio_client>=2"],
-        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright"],
+        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia"],
         "xformers": ["xformers"],
         "watermark": ["invisible-watermark"],
     },

@@ -192,6 +192,9 @@ def diagnose_mismatch(
         k.endswith("attn2.to_k.weight") and c[-1] == 768 for k, (c, _) in shapes.items()
     ):
         lines.append("This looks like a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder, 768-dim context); SD2 configs need an SD2 checkpoint.")
+    family = _family_hint(missing, unexpected)
+    if family:
+        lines.append(family)
     family_note = _unet_input_note(shapes)
     if family_note:
         lines.append(family_note)
@@ -248,6 +251,41 @@ def _depth_model_note(missing: set[str], unexpected: set[str]) -> str | None:
             "the MiDaS backbone follows timm 1.0's names (depth_model.model.pretrained.model.*)."
         )
     return None
+
+
+
+# SD2 families whose checkpoints hold tensors of their own: (name, config). unCLIP-L stores the
+# whole OpenAI CLIP under embedder.model (text transformer included), unCLIP-H OpenCLIP ViT-H
+# without its text transformer.
+_X4 = ("the SD2 x4 upscaler", "x4-upscaling.yaml")
+_UNCLIP_L = ("Stable unCLIP-L", "v2-1-stable-unclip-l-inference.yaml")
+_UNCLIP_H = ("Stable unCLIP-H", "v2-1-stable-unclip-h-inference.yaml")
+
+
+def _family_hint(missing: set[str], unexpected: set[str]) -> str | None:
+    """The config that a checkpoint of the x4 or unCLIP family needs, or, when the config is of
+    such a family and the checkpoint lacks its tensors, what the checkpoint more likely is."""
+
+    def has(keys: set[str], *prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has(unexpected, "low_scale_model."):
+        family = _X4
+    elif has(unexpected, "embedder.model.transformer."):
+        family = _UNCLIP_L
+    elif has(unexpected, "embedder.", "noise_augmentor.") or (
+        has(missing, "embedder.model.transformer.") and not has(missing, "embedder.model.visual.")
+    ):
+        family = _UNCLIP_H  # its own keys, or the -L config's text transformer alone missing
+    elif has(missing, "low_scale_model.", "embedder.", "noise_augmentor."):
+        expected = _X4[0] if has(missing, "low_scale_model.") else "Stable unCLIP"
+        return (
+            f"The config is for {expected}, and the checkpoint lacks that family's tensors; a text-to-image "
+            "checkpoint needs configs/stable-diffusion/v2-inference.yaml (512, eps) or v2-inference-v.yaml (768, v)."
+        )
+    else:
+        return None
+    return f"This is a {family[0]} checkpoint: use configs/stable-diffusion/{family[1]} (or its _native_mha twin)."
 
 
 def apply_state_dict(

@@ -57,12 +57,19 @@ def load_model_from_config(
     if left:
         raise CheckpointError(f"{ckpt}: these tensors were not filled from the checkpoint: {left[:8]}")
     model.to(device=device)
-    # Weights take ``dtype``. The noise schedule (the root's own buffers) is float32 whatever
-    # the file stores, as the original's float32 buffers hold what it loads into them: the
-    # sampler constants derive from it.
+    # Weights take ``dtype``. Noise schedules are float32 whatever the file stores, as the
+    # original's float32 buffers hold what it loads into them: the root's own buffers (the
+    # sampler constants derive from them) and those of modules that say so (the conditioning
+    # noise augmentations); they are taken before the cast, so nothing is rounded.
+    kept = {
+        name: buffer
+        for name, buffer in model.named_buffers()
+        if buffer.is_floating_point()
+        and ("." not in name or getattr(model.get_submodule(name.rpartition(".")[0]), "keeps_float32_buffers", False))
+    }
     for child in model.children():
         child.to(dtype=dtype)
-    for name, buffer in list(model.named_buffers(recurse=False)):
-        if buffer.is_floating_point():
-            setattr(model, name, buffer.float())
+    for name, buffer in kept.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, buffer.float())
     return model.eval()

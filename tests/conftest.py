@@ -120,11 +120,38 @@ def sd2_keys() -> dict[str, list[int]]:
     return json.loads(SD2_KEYS_FILE.read_text())["tensors"]
 
 
+def diffusers_unet_twin(config, model):
+    """diffusers' UNet2DConditionModel holding ``model``'s UNet weights, configured and converted
+    by diffusers' own single-file converter from the original-layout ``config`` and state dict."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    original_config = OmegaConf.to_container(config, resolve=True)
+    state = model.state_dict()
+    dconfig = create_unet_diffusers_config_from_ldm(original_config, state)
+    unet = UNet2DConditionModel(**dconfig)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True)
+    return unet.eval()
+
+
+def diffusers_vae_twin(config, model, scaling_factor: float | None = None):
+    """diffusers' AutoencoderKL holding ``model``'s first stage, by diffusers' single-file converter."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    state = model.state_dict()
+    dconfig = create_vae_diffusers_config_from_ldm(
+        OmegaConf.to_container(config, resolve=True), state, scaling_factor=scaling_factor
+    )
+    vae = AutoencoderKL(**dconfig)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, dconfig), strict=True)
+    return vae.eval()
+
+
 @pytest.fixture(scope="session")
 def diffusers_unet(tiny_eps_model):
-    """diffusers' UNet2DConditionModel holding the tiny model's UNet weights (eps and v
-    tiny models share them), converted by diffusers' own single-file converter."""
-    return diffusers_unet_like(tiny_config(), tiny_eps_model)
+    """diffusers' UNet holding the tiny model's UNet weights (eps and v tiny models share them)."""
+    return diffusers_unet_twin(tiny_config(), tiny_eps_model)
 
 
 @pytest.fixture(scope="session")
@@ -177,38 +204,10 @@ def tiny_depth_model():
     return tiny_family_model("depth")
 
 
-def family_keys(family: str) -> dict[str, list[int]]:
-    """Every tensor (key -> shape) of the family's real checkpoint, from shared/ (skips without it)."""
-    path = ROOT.parent / "shared" / f"sd2-{family}-checkpoint-keys.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (it lives in shared/, beside the checkout)")
-    return json.loads(path.read_text())["tensors"]
 
 
-def diffusers_unet_like(config, model):
-    """diffusers' UNet2DConditionModel with ``model``'s UNet weights (any input width), converted by
-    diffusers' own single-file converter from the original layout and ``config``."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    original = OmegaConf.to_container(config, resolve=True)
-    state = model.state_dict()
-    dconfig = create_unet_diffusers_config_from_ldm(original, state)
-    unet = UNet2DConditionModel(**dconfig)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True)
-    return unet.eval()
 
 
-def diffusers_vae_like(config, model):
-    """diffusers' AutoencoderKL with ``model``'s first-stage weights (scaling_factor from ``config``)."""
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-
-    state = model.state_dict()
-    dconfig = create_vae_diffusers_config_from_ldm(OmegaConf.to_container(config, resolve=True), state)
-    vae = AutoencoderKL(**dconfig)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(state, dconfig), strict=True)
-    return vae.eval()
 
 
 # Our (the original's) names -> transformers' names; the ViT's fused qkv is split separately
@@ -303,3 +302,126 @@ def sd2_ddim_scheduler(parameterization: str):
         timestep_spacing="leading",
         prediction_type="epsilon" if parameterization == "eps" else "v_prediction",
     )
+
+
+def family_keys(name: str) -> dict[str, list[int]]:
+    """Every tensor (key -> shape) of an SD2 family's real checkpoint (``inpainting``, ``depth``,
+    ``x4-upscaler``, ``unclip-l``, ``unclip-h``), from shared/; skips without it."""
+    path = ROOT.parent / "shared" / f"sd2-{name}-checkpoint-keys.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (it lives in shared/, beside the checkout)")
+    return json.loads(path.read_text())["tensors"]
+
+
+# -- upscaler and unCLIP families
+TINY_CLIP_ARCH = f"local-dir:{FIXTURES / 'tiny-clip'}"
+# unCLIP-L embeds with OpenAI CLIP (``model:``), unCLIP-H with OpenCLIP (``arch:``).
+UNCLIP_EMBEDDERS = {
+    "l": ("ldm.modules.encoders.modules.ClipImageEmbedder", "model"),
+    "h": ("ldm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder", "arch"),
+}
+
+
+def tiny_x4_config(native_mha: bool = False):
+    """The tiny x4-upscaler-structured config (tests/fixtures/tiny-x4-upscaling.yaml)."""
+    cfg = OmegaConf.load(FIXTURES / "tiny-x4-upscaling.yaml")
+    cfg.model.params.cond_stage_config.params.arch = TINY_CLIP_ARCH
+    if native_mha:
+        cfg.model.params.unet_config.params.use_native_mha = True
+    return cfg
+
+
+def tiny_unclip_config(kind: str, clip_stats_path=None, native_mha: bool = False):
+    """The tiny unCLIP-structured config with the -L (``kind="l"``) or -H image embedder, and the
+    embedding statistics file ``clip_stats_path`` (as unCLIP-L has; none: mean 0, std 1)."""
+    cfg = OmegaConf.load(FIXTURES / "tiny-v2-1-stable-unclip-inference.yaml")
+    params = cfg.model.params
+    params.cond_stage_config.params.arch = TINY_CLIP_ARCH
+    target, arch_param = UNCLIP_EMBEDDERS[kind]
+    params.embedder_config = {"target": target, "params": {arch_param: TINY_CLIP_ARCH}}
+    if clip_stats_path is not None:
+        params.noise_aug_config.params.clip_stats_path = str(clip_stats_path)
+    if native_mha:
+        params.unet_config.params.use_native_mha = True
+    return cfg
+
+
+def write_clip_stats(path: Path, dim: int = 32, seed: int = 0) -> Path:
+    """Random embedding statistics in the format of Karlo's ViT-L-14_stats.th: (mean, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.save((0.3 * torch.randn(dim, generator=gen), 0.5 + torch.rand(dim, generator=gen)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_stats(tmp_path_factory) -> Path:
+    return write_clip_stats(tmp_path_factory.mktemp("karlo") / "ViT-L-14_stats.th")
+
+
+@pytest.fixture(scope="session")
+def tiny_x4_model():
+    return randomize_(build_model(tiny_x4_config(), "cpu"), seed=5).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip_models(tiny_clip_stats) -> dict:
+    """The tiny unCLIP models, -L (with random embedding statistics) and -H, by kind."""
+    return {
+        "l": randomize_(build_model(tiny_unclip_config("l", tiny_clip_stats), "cpu"), seed=6).eval(),
+        "h": randomize_(build_model(tiny_unclip_config("h"), "cpu"), seed=7).eval(),
+    }
+
+
+
+
+def transformers_vision_twin(embedder):
+    """transformers' CLIPVisionModelWithProjection holding an image embedder's tower
+    (``embedder.model.visual``, OpenCLIP layout), its weights mapped key by key: an independent
+    implementation of the same network (QuickGELU for OpenAI CLIP, GELU for OpenCLIP ViT-H)."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    visual = embedder.model.visual
+    blocks = visual.transformer.resblocks
+    config = CLIPVisionConfig(
+        hidden_size=visual.conv1.weight.shape[0],
+        intermediate_size=blocks[0].mlp.c_fc.weight.shape[0],
+        num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads,
+        image_size=visual.image_size[0],
+        patch_size=visual.conv1.weight.shape[-1],
+        projection_dim=visual.proj.shape[1],
+        hidden_act="quick_gelu" if isinstance(blocks[0].mlp.gelu, QuickGELU) else "gelu",
+        layer_norm_eps=1e-5,
+    )
+    ours = {k: v for k, v in visual.state_dict().items()}
+    state = {
+        "vision_model.embeddings.class_embedding": ours["class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": ours["conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": ours["positional_embedding"],
+        "visual_projection.weight": ours["proj"].T,
+    }
+    for kind in ("weight", "bias"):
+        state[f"vision_model.pre_layrnorm.{kind}"] = ours[f"ln_pre.{kind}"]
+        state[f"vision_model.post_layernorm.{kind}"] = ours[f"ln_post.{kind}"]
+        for i in range(len(blocks)):
+            src, dst = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+            for name, tensor in zip("qkv", ours[f"{src}attn.in_proj_{kind}"].chunk(3)):
+                state[f"{dst}self_attn.{name}_proj.{kind}"] = tensor
+            for a, b in [("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]:
+                state[f"{dst}{b}.{kind}"] = ours[f"{src}{a}.{kind}"]
+    model = CLIPVisionModelWithProjection(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def guided_ddim(model, cond, uncond, x_T: torch.Tensor, steps: int = 10, scale: float = 9.0) -> torch.Tensor:
+    """Final latents of a guided DDIM run (eta 0) from ``x_T`` with conditioning dicts."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    samples, _ = DDIMSampler(model).sample(
+        steps, x_T.shape[0], tuple(x_T.shape[1:]), conditioning=cond, unconditional_conditioning=uncond,
+        unconditional_guidance_scale=scale, x_T=x_T.clone(), verbose=False,
+    )
+    return samples

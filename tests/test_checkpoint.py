@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import CONFIGS, family_keys, tiny_model
 from ldm.checkpoint import CheckpointError, apply_state_dict, load_state_dict, save_state_dict
 from ldm.loading import load_model_from_config
 
@@ -339,3 +339,35 @@ def test_load_names_the_file_and_the_right_config(tiny_inpaint_model, tiny_files
         load_model_from_config(tiny_files["config"], tmp_path / "inpainting.safetensors")
     message = str(err.value)
     assert "inpainting.safetensors" in message and "v2-inpainting-inference.yaml" in message
+
+
+# -- the x4 upscaler's and unCLIP's checkpoints given to another family's config -------------
+REAL = {
+    "sd2": "v2-inference-v.yaml",
+    "x4-upscaler": "x4-upscaling.yaml",
+    "unclip-l": "v2-1-stable-unclip-l-inference.yaml",
+    "unclip-h": "v2-1-stable-unclip-h-inference.yaml",
+}
+
+
+@pytest.fixture(scope="module")
+def real_meta_models() -> dict:
+    from ldm.loading import build_model
+
+    return {name: build_model(CONFIGS / config, "meta") for name, config in REAL.items()}
+
+
+@pytest.mark.parametrize("checkpoint, config", [(k, c) for k in REAL for c in REAL if k != c])
+def test_family_checkpoint_given_to_another_config_names_the_right_one(checkpoint, config, real_meta_models,
+                                                                        sd2_keys):
+    keys = sd2_keys if checkpoint == "sd2" else family_keys(checkpoint)
+    state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    with pytest.raises(CheckpointError) as err:
+        apply_state_dict(real_meta_models[config], state, assign=True)
+    message = str(err.value)
+    if checkpoint == "sd2":
+        family = "the SD2 x4 upscaler" if config == "x4-upscaler" else "Stable unCLIP"
+        assert f"The config is for {family}" in message and "v2-inference.yaml" in message
+    else:
+        assert f"use configs/stable-diffusion/{REAL[checkpoint]}" in message
+    assert "inpainting" not in message, "the x4 upscaler's 7 input channels are not an inpainting model's"

@@ -47,6 +47,17 @@ def test_unet_has_no_graph_breaks(unets, name):
     assert_no_graph_breaks(unet, *inputs())
 
 
+@pytest.mark.parametrize("family", ["x4", "unclip"])
+def test_class_conditional_unet_has_no_graph_breaks(family, tiny_x4_model, tiny_unclip_models):
+    """The label embedding (x4: integer noise levels; unCLIP: the adm vector) stays in the graph."""
+    x, t, context = inputs()
+    if family == "x4":
+        unet, x, y = tiny_x4_model.model.diffusion_model, torch.cat([x, x[:, :3]], 1), torch.tensor([20, 350])
+    else:
+        unet, y = tiny_unclip_models["h"].model.diffusion_model, torch.randn(2, 64)
+    assert_no_graph_breaks(unet, x, t, context, y)
+
+
 @pytest.mark.parametrize("kdim", [None, 48], ids=["self", "cross"])
 def test_multihead_attention_forward_has_no_graph_breaks(kdim):
     mha = torch.nn.MultiheadAttention(64, 4, kdim=kdim, vdim=kdim, batch_first=True).eval()

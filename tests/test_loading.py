@@ -1,7 +1,9 @@
 """Model construction on the meta device and loading from files (``ldm.loading``).
 
 The official configs must build this package and hold exactly the tensors of a real SD2
-checkpoint; loading the tiny checkpoint must reproduce the model that wrote it, bit for bit.
+checkpoint (text-to-image, x4 upscaler, unCLIP-L and -H; the native-MHA twins exactly the
+converted tensors); loading the tiny checkpoints must reproduce the models that wrote them,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CONFIGS, FAMILY_CONFIGS, family_keys, tiny_config
+from conftest import CONFIGS, FAMILY_CONFIGS, family_keys, tiny_config, tiny_unclip_config, tiny_x4_config
 from ldm.checkpoint import CheckpointError, apply_state_dict, save_state_dict
 from ldm.loading import build_model, load_config, load_model_from_config
 
@@ -152,3 +154,51 @@ def test_family_layout_loads_strictly_into_meta_model(family_meta_model):
     state = {k: torch.empty(shape, dtype=torch.float16, device="meta") for k, shape in family_keys(family).items()}
     apply_state_dict(model, state, strict=True, assign=True)
     assert all(p.dtype == torch.float16 for p in model.parameters())
+
+
+# -- upscaler and unCLIP families ------------------------------------------------------------
+UPSCALE_UNCLIP_CONFIGS = {
+    "x4-upscaler": "x4-upscaling.yaml",
+    "unclip-l": "v2-1-stable-unclip-l-inference.yaml",
+    "unclip-h": "v2-1-stable-unclip-h-inference.yaml",
+}
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["original", "native-mha"])
+@pytest.mark.parametrize("family", sorted(UPSCALE_UNCLIP_CONFIGS))
+def test_family_config_holds_exactly_the_checkpoint_tensors(family, native):
+    from ldm.native_mha import to_native
+
+    name = UPSCALE_UNCLIP_CONFIGS[family].replace(".yaml", "_native_mha.yaml" if native else ".yaml")
+    model = build_model(CONFIGS / name, "meta")
+    expected = family_keys(family)
+    if native:
+        converted = to_native({k: torch.empty(shape, device="meta") for k, shape in expected.items()})
+        expected = {k: list(v.shape) for k, v in converted.items()}
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(own.keys() - expected.keys()) == [], f"{name}: tensors a real checkpoint lacks"
+    assert sorted(expected.keys() - own.keys()) == [], f"{name}: checkpoint tensors the model lacks"
+    assert {k: (own[k], expected[k]) for k in own if own[k] != expected[k]} == {}, f"{name}: shapes differ"
+    assert model.parameterization == "v" and all(p.is_meta for p in model.parameters())
+    state = {k: torch.empty(shape, dtype=torch.float16, device="meta") for k, shape in expected.items()}
+    apply_state_dict(model, state, strict=True, assign=True)
+
+
+@pytest.mark.parametrize("family", ["x4", "unclip-l"])
+def test_family_model_loads_from_file_and_keeps_its_noise_schedules_float32(family, tmp_path, tiny_x4_model,
+                                                                             tiny_unclip_models, tiny_clip_stats):
+    """Loaded in half precision, the weights are float16 but the conditioning augmentations'
+    schedules and embedding statistics stay the float32 values they were (the noised inputs must
+    not depend on the weights' dtype); in float32 the model is the one that was saved."""
+    if family == "x4":
+        model, config, augmentation = tiny_x4_model, tiny_x4_config(), "low_scale_model"
+    else:
+        model, config, augmentation = tiny_unclip_models["l"], tiny_unclip_config("l", tiny_clip_stats), "noise_augmentor"
+    save_state_dict(model.state_dict(), tmp_path / "tiny.safetensors")
+    loaded = load_model_from_config(config, tmp_path / "tiny.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    half = load_model_from_config(config, tmp_path / "tiny.safetensors", dtype=torch.float16)
+    assert half.model.diffusion_model.label_emb.state_dict().popitem()[1].dtype == torch.float16
+    for name, buffer in model.get_submodule(augmentation).named_buffers():
+        kept = half.get_submodule(augmentation).get_buffer(name)
+        assert kept.dtype == torch.float32 and torch.equal(kept, buffer), name

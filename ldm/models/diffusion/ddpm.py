@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.diffusionmodules.util import (
+    diffusion_schedule,
+    extract_into_tensor,
+    make_beta_schedule,
+    q_sample,
+    register_schedule_buffers,
+)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
@@ -31,26 +37,44 @@ _TRAINING_ONLY = {
 }
 
 
-def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-    """``a[t]`` shaped to broadcast over a batch of tensors of ``x_shape``."""
-    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+def repeat_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """``x`` with ``batch`` rows: as it is, or its single row repeated (as the original's demos
+    repeat one input image to the number of samples before conditioning on it)."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] != 1:
+        raise ValueError(f"{x.shape[0]} {what} for a batch of {batch}")
+    return x.expand(batch, *x.shape[1:]).contiguous()
 
 
 class DiffusionWrapper(nn.Module):
-    """Holds the UNet as ``diffusion_model`` (the checkpoint's key prefix) and routes conditioning."""
+    """Holds the UNet as ``diffusion_model`` (the checkpoint's key prefix) and routes conditioning:
+    ``c_concat`` joins the input channels, ``c_crossattn`` is the attention context, and ``c_adm``
+    (the ``*-adm`` keys: the x4 upscaler's noise level, unCLIP's image embedding) is the UNet's ``y``.
+    """
+
+    CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "hybrid-adm", "crossattn-adm")
 
     def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
         super().__init__()
-        if conditioning_key not in (None, "crossattn", "concat", "hybrid"):
-            raise ValueError(f"unsupported conditioning_key {conditioning_key!r}")
+        if conditioning_key not in self.CONDITIONING_KEYS:
+            raise ValueError(f"unsupported conditioning_key {conditioning_key!r} (one of {self.CONDITIONING_KEYS})")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None) -> torch.Tensor:
+    def forward(
+        self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (c_adm is None) == str(self.conditioning_key).endswith("-adm"):
+            raise ValueError(
+                f"conditioning_key {self.conditioning_key!r}: the conditioning "
+                + ("needs 'c_adm'" if c_adm is None else "must not hold 'c_adm'")
+                + " (the class-label input: the x4 upscaler's noise level, unCLIP's image embedding)"
+            )
         context = None if not c_crossattn else torch.cat(c_crossattn, 1)
         if c_concat:
             x = torch.cat([x, *c_concat], dim=1)
-        return self.diffusion_model(x, t, context=context)
+        return self.diffusion_model(x, t, context=context, y=c_adm)
 
 
 class LatentDiffusion(nn.Module):
@@ -132,29 +156,18 @@ class LatentDiffusion(nn.Module):
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        alphas = 1.0 - betas
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        schedule = diffusion_schedule(betas)
+        alphas_cumprod, alphas_cumprod_prev = schedule["alphas_cumprod"], schedule["alphas_cumprod_prev"]
         self.num_timesteps = len(betas)
         self.linear_start, self.linear_end = linear_start, linear_end
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        }
-        for name, value in buffers.items():
-            # Explicitly on the CPU, so that a model built on "meta" still has its schedule.
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
+        schedule.update(
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
+            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        )
+        register_schedule_buffers(self, schedule)
 
     @property
     def device(self) -> torch.device:
@@ -162,11 +175,7 @@ class LatentDiffusion(nn.Module):
 
     # -- diffusion maths ---------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        noise = torch.randn_like(x_start) if noise is None else noise
-        return (
-            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
-        )
+        return q_sample(self, x_start, t, noise)
 
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (

@@ -84,14 +84,32 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+class Timestep(nn.Module):
+    """The sinusoidal embedding of (noise-level) timesteps as a module, as the original names it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim)
+
+
 class UNetModel(nn.Module):
     """Text-conditioned UNet of Stable Diffusion 2.
 
     Takes the official configs' parameters. ``use_fp16`` is accepted for config compatibility:
     the network computes in the dtype of its weights (``.half()`` it, or run under autocast).
     ``use_native_mha`` selects the ``nn.MultiheadAttention`` weight layout (see
-    :mod:`ldm.modules.attention`). Options of the original that no SD2 model uses
-    (class labels, scale-shift norm, resblock up/down-sampling, 1D/3D) are rejected.
+    :mod:`ldm.modules.attention`).
+
+    Class conditioning, as the SD2 families use it (the embedding is added to the timestep
+    embedding; ``y`` is then required): ``num_classes: N`` embeds integer labels
+    (``label_emb``, an ``nn.Embedding``: the x4 upscaler's noise level), ``num_classes:
+    "sequential"`` projects an ``adm_in_channels``-wide vector through Linear-SiLU-Linear
+    (``label_emb.0.{0,2}``: unCLIP's noise-augmented image embedding). Options of the original
+    that no SD2 model uses (continuous labels, scale-shift norm, resblock up/down-sampling,
+    1D/3D) are rejected.
     """
 
     def __init__(
@@ -130,11 +148,11 @@ class UNetModel(nn.Module):
     ):
         super().__init__()
         unsupported = {
-            "num_classes": num_classes is not None,
+            f"num_classes={num_classes!r}": not (num_classes is None or num_classes == "sequential" or _is_int(num_classes)),
+            "adm_in_channels without num_classes='sequential'": adm_in_channels is not None and num_classes != "sequential",
             "use_scale_shift_norm": use_scale_shift_norm,
             "resblock_updown": resblock_updown,
             "n_embed": n_embed is not None,
-            "adm_in_channels": adm_in_channels is not None,
             "dims != 2": dims != 2,
             "use_spatial_transformer=False": not use_spatial_transformer,
         }
@@ -143,6 +161,8 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNetModel options not used by Stable Diffusion 2 are not supported: {names}")
         if context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim")
+        if num_classes == "sequential" and adm_in_channels is None:
+            raise ValueError("num_classes='sequential' needs adm_in_channels (the width of the class-label vector)")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels")
         if isinstance(num_res_blocks, int):
@@ -157,6 +177,7 @@ class UNetModel(nn.Module):
         self.num_res_blocks = list(num_res_blocks)
         self.channel_mult = list(channel_mult)
         self.use_fp16 = use_fp16
+        self.num_classes = num_classes
 
         def heads_and_dim(ch: int) -> tuple[int, int]:
             if num_head_channels == -1:
@@ -194,6 +215,15 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+
+        if num_classes == "sequential":
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+                )
+            )
+        elif num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
@@ -240,10 +270,21 @@ class UNetModel(nn.Module):
         """How many times smaller the deepest feature map is than the input latent."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the noise (or v) for latents ``x`` at ``timesteps`` given the text ``context``."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the noise (or v) for latents ``x`` at ``timesteps`` given the text ``context``
+        and, for a class-conditional UNet, the labels ``y`` (integers, or vectors for "sequential")."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError(
+                f"class labels y are needed if and only if the UNet is class-conditional (num_classes={self.num_classes!r})"
+            )
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if y is not None:
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has batch size {y.shape[0]}, x has {x.shape[0]}")
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         h = x.to(dtype)
         if context is not None:
             context = context.to(dtype)
@@ -255,3 +296,7 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -28,11 +28,55 @@ def make_beta_schedule(
         alphas = torch.cos(steps / (1 + cosine_s) * np.pi / 2).pow(2)
         alphas = alphas / alphas[0]
         return np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), 0, 0.999)
+    if schedule == "squaredcos_cap_v2":
+        # Karlo's (and so unCLIP's embedding noise) cosine schedule, from alpha_bar in Python floats.
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        steps = [(i / n_timestep, (i + 1) / n_timestep) for i in range(n_timestep)]
+        return np.array([min(1 - alpha_bar(t2) / alpha_bar(t1), 0.999) for t1, t2 in steps])
     if schedule == "sqrt_linear":
         return torch.linspace(linear_start, linear_end, n_timestep, **f64).numpy()
     if schedule == "sqrt":
         return (torch.linspace(linear_start, linear_end, n_timestep, **f64) ** 0.5).numpy()
     raise ValueError(f"unknown beta schedule {schedule!r}")
+
+
+def diffusion_schedule(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """The float64 constants of q(x_t | x_0) for ``betas``, under the original's buffer names."""
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": np.append(1.0, alphas_cumprod[:-1]),
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+    }
+
+
+def register_schedule_buffers(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Register ``arrays`` as float32 buffers explicitly on the CPU, so that a model built on
+    ``meta`` still has its schedule (the checkpoint, when it holds them, overwrites them)."""
+    for name, value in arrays.items():
+        module.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """``a[t]`` shaped to broadcast over a batch of tensors of ``x_shape``."""
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def q_sample(module: nn.Module, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Diffuse ``x_start`` to step ``t`` with the schedule buffers of ``module``; the noise, when
+    not given, is drawn as the original draws it (``torch.randn_like(x_start)``)."""
+    noise = torch.randn_like(x_start) if noise is None else noise
+    return (
+        extract_into_tensor(module.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        + extract_into_tensor(module.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+    )
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

@@ -87,6 +87,27 @@ def test_apply_model_routes_conditioning(tiny_eps_model):
         assert torch.equal(tiny_eps_model.apply_model(x, t, {"c_crossattn": [c]}), direct)
 
 
+def test_adm_conditioning_keys_route_c_adm_to_the_unet_labels(tiny_x4_model, tiny_unclip_models, tiny_eps_model):
+    """hybrid-adm (x4): c_concat joins the input, c_adm is y; crossattn-adm (unCLIP): c_adm is y."""
+    gen = torch.Generator().manual_seed(0)
+    x, low, t = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([10, 900])
+    c, levels, adm = torch.randn(2, 77, 48, generator=gen), torch.tensor([0, 350]), torch.randn(2, 64, generator=gen)
+    x4, unclip = tiny_x4_model, tiny_unclip_models["h"]
+    with torch.no_grad():
+        assert torch.equal(
+            x4.apply_model(x, t, {"c_concat": [low], "c_crossattn": [c], "c_adm": levels}),
+            x4.model.diffusion_model(torch.cat([x, low], 1), t, context=c, y=levels),
+        )
+        assert torch.equal(
+            unclip.apply_model(x, t, {"c_crossattn": [c], "c_adm": adm}),
+            unclip.model.diffusion_model(x, t, context=c, y=adm),
+        )
+        with pytest.raises(ValueError, match="'crossattn-adm'.*needs 'c_adm'"):
+            unclip.apply_model(x, t, c)
+        with pytest.raises(ValueError, match="'crossattn'.*must not hold 'c_adm'"):
+            tiny_eps_model.apply_model(x, t, {"c_crossattn": [c], "c_adm": adm})
+
+
 def test_unknown_options_and_parameterizations_are_refused():
     config = tiny_config()
     config.model.params.no_such_option = 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import diffusers_unet_like, diffusers_vae_like, rel_err, sd2_ddim_scheduler, tiny_family_config
+from conftest import diffusers_unet_twin, diffusers_vae_twin, rel_err, sd2_ddim_scheduler, tiny_family_config
 from ldm.models.diffusion.ddim import DDIMSampler
 
 SCALE, STEPS, SEED = 9.0, 10, 42
@@ -37,8 +37,8 @@ def pipeline(model, transformers_dpt):
     # The images given are already MiDaS-sized and in [0, 1]: only the normalisation remains.
     processor = DPTImageProcessor(do_resize=False, do_rescale=False, do_pad=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     pipe = StableDiffusionDepth2ImgPipeline(
-        vae=diffusers_vae_like(config, model), text_encoder=None, tokenizer=None,
-        unet=diffusers_unet_like(config, model), scheduler=sd2_ddim_scheduler("eps"),
+        vae=diffusers_vae_twin(config, model), text_encoder=None, tokenizer=None,
+        unet=diffusers_unet_twin(config, model), scheduler=sd2_ddim_scheduler("eps"),
         depth_estimator=transformers_dpt, feature_extractor=processor,
     )
     pipe.set_progress_bar_config(disable=True)

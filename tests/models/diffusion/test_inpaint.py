@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import (
-    assert_draws_normals, diffusers_unet_like, diffusers_vae_like, rel_err, sd2_ddim_scheduler, tiny_family_config,
+    assert_draws_normals, diffusers_unet_twin, diffusers_vae_twin, rel_err, sd2_ddim_scheduler, tiny_family_config,
 )
 from ldm.loading import build_model
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -35,8 +35,8 @@ def pipeline(model):
 
     config = tiny_family_config("inpainting")
     pipe = StableDiffusionInpaintPipeline(
-        vae=diffusers_vae_like(config, model), text_encoder=None, tokenizer=None,
-        unet=diffusers_unet_like(config, model), scheduler=sd2_ddim_scheduler("eps"),
+        vae=diffusers_vae_twin(config, model), text_encoder=None, tokenizer=None,
+        unet=diffusers_unet_twin(config, model), scheduler=sd2_ddim_scheduler("eps"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

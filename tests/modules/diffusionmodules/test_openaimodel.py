@@ -1,4 +1,5 @@
-"""The SD2 UNet against diffusers' UNet2DConditionModel holding the same (random) weights.
+"""The SD2 UNet against diffusers' UNet2DConditionModel holding the same (random) weights,
+the class-conditional UNets of the x4 upscaler and unCLIP included.
 
 diffusers is an independent implementation; its single-file converter maps the original
 checkpoint layout onto it. Both compute in float32 with different operation orders
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import diffusers_unet_like, randomize_, rel_err, tiny_config, tiny_family_config
+from conftest import diffusers_unet_twin, randomize_, rel_err, tiny_config, tiny_family_config, tiny_unclip_config, tiny_x4_config
 from ldm.loading import build_model
 
 RTOL = 1e-4
@@ -54,7 +55,7 @@ def test_unet_variants_match_diffusers(variant):
     for key, value in VARIANTS[variant].items():
         config.model.params.unet_config.params[key] = value
     model = randomize_(build_model(config, "cpu"), seed=3).eval()
-    unet = diffusers_unet_like(config, model)
+    unet = diffusers_unet_twin(config, model)
     x, t, context = inputs()
     with torch.no_grad():
         ours = model.apply_model(x, t, context)
@@ -63,18 +64,61 @@ def test_unet_variants_match_diffusers(variant):
     assert rel_err(ours, ref) <= RTOL
 
 
-@pytest.mark.parametrize("family, extra", [("inpainting", 5), ("depth", 1)])
-def test_unet_with_concatenated_inputs_matches_diffusers(request, family, extra):
-    """The inpainting (9 input channels) and depth (5) UNets, the extra maps given as c_concat."""
-    model = request.getfixturevalue("tiny_inpaint_model" if family == "inpainting" else "tiny_depth_model")
-    unet = diffusers_unet_like(tiny_family_config(family), model)
+# -- class-conditional UNets: the x4 upscaler's (noise level as an nn.Embedding label) and
+# unCLIP's ("sequential": a projected embedding vector), against diffusers' class_embedding
+# (num_class_embeds, and class_embed_type "projection") holding the same weights.
+def class_labels(family: str, batch: int, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if family == "x4":
+        return torch.randint(0, 351, (batch,), generator=gen)
+    return torch.randn(batch, 64, generator=gen)
+
+
+@pytest.fixture(scope="module", params=["x4", "unclip"])
+def class_conditional(request, tiny_x4_model, tiny_unclip_models):
+    """(family, tiny model, diffusers twin of its UNet)."""
+    if request.param == "x4":
+        model, config = tiny_x4_model, tiny_x4_config()
+    else:
+        model, config = tiny_unclip_models["h"], tiny_unclip_config("h")
+    return request.param, model, diffusers_unet_twin(config, model)
+
+
+def test_class_conditional_unet_matches_diffusers(class_conditional):
+    family, model, unet = class_conditional
+    expected = (1000, None) if family == "x4" else (None, "projection")
+    assert (unet.config.num_class_embeds, unet.config.class_embed_type) == expected
     x, t, context = inputs(batch=4)
-    maps = torch.randn(4, extra, 8, 8, generator=torch.Generator().manual_seed(2))
+    if family == "x4":  # the 4 latent channels and the noised low-resolution RGB image
+        x = torch.cat([x, torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))], 1)
+    y = class_labels(family, 4)
     with torch.no_grad():
-        ours = model.apply_model(x, t, {"c_concat": [maps], "c_crossattn": [context]})
-        ref = unet(torch.cat([x, maps], dim=1), t, encoder_hidden_states=context).sample
-    assert ref.shape == x.shape and ref.abs().mean() > 0.1
+        ours = model.model.diffusion_model(x, t, context, y=y)
+        ref = unet(x, t, encoder_hidden_states=context, class_labels=y).sample
+        other_labels = model.model.diffusion_model(x, t, context, y=class_labels(family, 4, seed=9))
+    assert ref.abs().mean() > 0.1
     assert rel_err(ours, ref) <= RTOL
+    # Other labels move the output by ~1%, orders of magnitude above the tolerance: the label path is compared.
+    assert rel_err(other_labels, ours) > 1e-3
+
+
+def test_labels_are_required_exactly_by_class_conditional_unets(tiny_x4_model, tiny_eps_model):
+    x, t, context = inputs()
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_x4_model.model.diffusion_model(torch.cat([x, x[:, :3]], 1), t, context)
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_eps_model.model.diffusion_model(x, t, context, y=torch.tensor([1, 2]))
+
+
+def test_label_layouts_are_the_originals(tiny_x4_model, tiny_unclip_models):
+    def labels(model) -> dict:
+        state = model.model.diffusion_model.state_dict()
+        return {k: tuple(v.shape) for k, v in state.items() if k.startswith("label_emb")}
+
+    x4, unclip = labels(tiny_x4_model), labels(tiny_unclip_models["l"])
+    assert x4 == {"label_emb.weight": (1000, 128)}
+    assert unclip == {"label_emb.0.0.weight": (128, 64), "label_emb.0.0.bias": (128,),
+                      "label_emb.0.2.weight": (128, 128), "label_emb.0.2.bias": (128,)}
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tiny_eps_model):
@@ -91,10 +135,22 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_eps_model):
     unet.zero_grad(set_to_none=True)
 
 
-def test_unet_rejects_options_sd2_does_not_use():
+@pytest.mark.parametrize("option, value, message", [
+    ("num_classes", "continuous", "num_classes='continuous'"),
+    ("adm_in_channels", 64, "adm_in_channels without num_classes='sequential'"),
+    ("use_scale_shift_norm", True, "use_scale_shift_norm"),
+])
+def test_unet_rejects_options_sd2_does_not_use(option, value, message):
     config = tiny_config()
-    config.model.params.unet_config.params.num_classes = 10
-    with pytest.raises(ValueError, match="num_classes"):
+    config.model.params.unet_config.params[option] = value
+    with pytest.raises(ValueError, match=message):
+        build_model(config, "meta")
+
+
+def test_sequential_labels_need_adm_in_channels():
+    config = tiny_config()
+    config.model.params.unet_config.params.num_classes = "sequential"
+    with pytest.raises(ValueError, match="adm_in_channels"):
         build_model(config, "meta")
 
 
