@@ -62,7 +62,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p = task_parser(task)
     p.prog = PROG
     p.description = __doc__.split("\n\n")[0]
-    p.set_defaults(n_samples=1, n_iter=1, plms=task == "txt2img", seed=1, prompt="A photo")
+    p.set_defaults(n_samples=1, n_iter=1, seed=1, prompt="A photo")
     p.add_argument("--task", choices=sorted(TASKS), default="txt2img", help="the task to profile (default: %(default)s)")
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace (chrome://tracing, Perfetto) here")
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")

@@ -50,6 +50,14 @@ def _open(path: str | Path, flag: str, mode: str) -> Image.Image:
         raise GenerationError(f"{flag} {path}: cannot be read as an image: {e}") from None
 
 
+DEMO_PAD = 64  # the original demos pad every input to multiples of 64
+
+
+def demo_padding(required: int) -> int:
+    """The multiple the demos pad to (64), or a multiple of it that the model also requires."""
+    return math.lcm(DEMO_PAD, required)
+
+
 def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
     """Pad (h, w[, c]) on the bottom and right by repeating the edge, up to multiples of ``multiple``
     and at least twice it, as the original's inpainting, depth and upscaling demos do."""

@@ -70,6 +70,15 @@ class Pipeline:
     # The original's demos for some tasks draw the starting noise from np.random.RandomState(seed).
     numpy_start_code: ClassVar[bool] = False
 
+    def __new__(cls, model: Model, *args: Any, **kwargs: Any) -> "Pipeline":
+        # Before any task's __init__ reads its inputs or its family's config entries.
+        if model.target not in cls.families:
+            raise UsageError(
+                f"the {cls.task} task needs a {' or '.join(cls.families)} model (e.g. --config {cls.family_config}); "
+                f"{model.files.config} describes a {model.target}"
+            )
+        return super().__new__(cls)
+
     def __init__(self, model: Model, sampling: SamplingSettings, n_samples: int = 1, vae_slice_size: int | None = None):
         self.model = model
         self.sampling = sampling
@@ -77,11 +86,6 @@ class Pipeline:
         self.progress: Callable[[int, int], None] | None = None  # (steps done, steps in all), per step
         self.crop: tuple[int, int] | None = None  # output height and width, when the input was padded
         self.vae_tile_size: int | None = None  # decode in tiles of this many latent pixels (see ldm.generation.tiling)
-        if model.target not in self.families:
-            raise UsageError(
-                f"the {self.task} task needs a {' or '.join(self.families)} model (e.g. --config {self.family_config}); "
-                f"{model.files.config} describes a {model.target}"
-            )
         self._check_sampling()
         self.height, self.width = self.image_size()
         self.vae_slice_size = vae_slice_size or max(1, VAE_SLICE_PIXELS // (self.height * self.width))

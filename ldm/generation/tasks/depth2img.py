@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ldm.generation.argtypes import unit_interval
-from ldm.generation.images import load_depth_map, load_padded_image
+from ldm.generation.images import demo_padding, load_depth_map, load_padded_image
 from ldm.generation.model import Model
 from ldm.generation.pipeline import FiniteWatch
 from ldm.generation.settings import SamplingSettings
@@ -30,7 +30,7 @@ class Depth2ImgPipeline(Img2ImgPipeline):
 
     def __init__(self, model: Model, sampling: SamplingSettings, image: str | Path, strength: float = 0.9,
                  depth_map: str | Path | None = None, n_samples: int = 1, vae_slice_size: int | None = None):
-        padded, size = load_padded_image(image, model.geometry.multiple, "--image")
+        padded, size = load_padded_image(image, demo_padding(model.geometry.multiple), "--image")
         self.depth_map = None if depth_map is None else load_depth_map(depth_map)
         self.depth_name = None if depth_map is None else Path(depth_map).name
         super().__init__(model, sampling, padded, strength, n_samples, vae_slice_size)

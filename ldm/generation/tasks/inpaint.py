@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ldm.generation.errors import GenerationError
-from ldm.generation.images import load_mask, load_padded_image
+from ldm.generation.images import demo_padding, load_mask, load_padded_image
 from ldm.generation.model import Model
 from ldm.generation.pipeline import Pipeline
 from ldm.generation.settings import SamplingSettings
@@ -29,7 +29,7 @@ class InpaintPipeline(Pipeline):
 
     def __init__(self, model: Model, sampling: SamplingSettings, image: str | Path, mask: str | Path,
                  n_samples: int = 1, vae_slice_size: int | None = None):
-        multiple = model.geometry.multiple
+        multiple = demo_padding(model.geometry.multiple)
         self.image, size = load_padded_image(image, multiple, "--image")
         self.mask, mask_size = load_mask(mask, multiple)
         if mask_size != size:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ldm.generation.argtypes import non_negative
 from ldm.generation.errors import UsageError
-from ldm.generation.images import load_padded_image
+from ldm.generation.images import demo_padding, load_padded_image
 from ldm.generation.model import Model
 from ldm.generation.pipeline import Pipeline
 from ldm.generation.settings import SamplingSettings
@@ -28,7 +28,8 @@ class UpscalePipeline(Pipeline):
 
     def __init__(self, model: Model, sampling: SamplingSettings, image: str | Path, noise_level: int = 20,
                  n_samples: int = 1, vae_slice_size: int | None = None):
-        self.low_res, size = load_padded_image(image, model.geometry.multiple, "--image")
+        # The low-res image is the latent's size: it must fit the UNet's downsampling only.
+        self.low_res, size = load_padded_image(image, demo_padding(model.geometry.unet_factor), "--image")
         high = int(model.config.model.params.low_scale_config.params.get("max_noise_level", 350))
         if not 0 <= noise_level <= high:
             raise UsageError(f"--noise_level {noise_level}: must be in [0, {high}] for this model")

@@ -1,0 +1,252 @@
+"""scripts/inpaint.py, depth2img.py, upscale.py and unclip.py as a user runs them, on tiny models of
+each family with random weights: files, sizes (padding cropped off), metadata, and pixels equal to
+the original demo's loop (scripts/gradio/*.py, scripts/streamlit/stableunclip.py) spelled out here
+with the model's own API, for the same seed; plus the bad inputs each task refuses.
+
+Both sides run the same operations in the same order on the same CPU, so the pixels agree except
+where float rounding flips a truncation to uint8: at most one level, in under 1% of the pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import load_script, randomize_, tiny_family_config, tiny_unclip_config, tiny_x4_config
+from ldm.checkpoint import save_state_dict
+from ldm.generation import main
+from ldm.generation.images import load_init_image, pad_to_multiple
+from ldm.generation.run import seed_everything
+from ldm.loading import build_model, load_model_from_config
+from ldm.models.diffusion.ddim import DDIMSampler
+
+FAST = ["--steps", "2", "--n_iter", "1", "--precision", "full", "--no_watermark", "--seed", "7"]
+
+
+def write_model(folder: Path, config, seed: int, depth: bool = False) -> dict[str, Path]:
+    model = randomize_(build_model(config, "cpu"), seed).eval()
+    if depth:  # as tests/conftest.py's tiny depth model: a depth map that is not constant
+        with torch.no_grad():
+            model.depth_model.model.scratch.output_conv[4].bias.add_(2.0)
+    OmegaConf.save(config, folder / "config.yaml")
+    save_state_dict(model.state_dict(), folder / "model.safetensors")
+    return {"config": folder / "config.yaml", "ckpt": folder / "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, tiny_clip_stats) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("families")
+    configs = {
+        "inpaint": (tiny_family_config("inpainting"), 11, False),
+        "depth2img": (tiny_family_config("depth"), 12, True),
+        "upscale": (tiny_x4_config(), 13, False),
+        "variations": (tiny_unclip_config("h"), 14, False),
+        "variations-l": (tiny_unclip_config("l", tiny_clip_stats), 15, False),
+    }
+    files = {}
+    for name, (config, seed, depth) in configs.items():
+        (root / name).mkdir()
+        files[name] = write_model(root / name, config, seed, depth)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "image.png")
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:30, 20:45] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    depth = np.tile(np.linspace(0, 65535, 50, dtype=np.uint16), (40, 1))
+    Image.fromarray(depth).save(root / "depth.png")
+    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(root / "small.png")
+    Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(root / "photo.png")
+    files["inputs"] = {"image": root / "image.png", "mask": root / "mask.png", "depth": root / "depth.png", "small": root / "small.png",
+                       "photo": root / "photo.png"}
+    return files
+
+
+def run(families, task: str, outdir: Path, *flags: str, model: str | None = None) -> int:
+    files = families[model or task]
+    return main(["--config", str(files["config"]), "--ckpt", str(files["ckpt"]), "--outdir", str(outdir), *FAST, *flags], task)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def samples(outdir: Path) -> list[np.ndarray]:
+    return [pixels(p) for p in sorted((outdir / "samples").glob("*.png"))]
+
+
+def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
+    x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+    return [(255.0 * s.cpu().numpy().transpose(1, 2, 0)).astype(np.uint8) for s in x]
+
+
+def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
+
+
+def demo_image(path: Path) -> torch.Tensor:
+    """The demos' input: edge-padded to multiples of 64 (at least 128), then x / 127.5 - 1."""
+    array = pad_to_multiple(np.asarray(Image.open(path).convert("RGB")), 64)
+    return torch.from_numpy(array).float().permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def text(model, prompt: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.get_learned_conditioning(n * [prompt]), model.get_learned_conditioning(n * [""])
+
+
+def test_inpaint_matches_the_original_demo(families, tmp_path):
+    inputs = families["inputs"]
+    assert run(families, "inpaint", tmp_path, "--image", str(inputs["image"]), "--mask", str(inputs["mask"]),
+               "--prompt", "a cat", "--n_samples", "2") == 0
+    got = samples(tmp_path)
+    with Image.open(sorted((tmp_path / "samples").glob("*.png"))[0]) as png:
+        assert (png.text["image"], png.text["mask"], png.text["eta"], png.text["scale"]) == ("image.png", "mask.png", "1.0", "10.0")
+
+    model = load_model_from_config(families["inpaint"]["config"], families["inpaint"]["ckpt"])
+    image = demo_image(inputs["image"]).repeat(2, 1, 1, 1)
+    mask = torch.from_numpy(pad_to_multiple(np.asarray(Image.open(inputs["mask"]).convert("L")), 64).astype(np.float32) / 255.0)
+    mask = (mask >= 0.5).float()[None, None].repeat(2, 1, 1, 1)
+    h, w = image.shape[2:]
+    with torch.no_grad():
+        seed_everything(7)
+        start_code = torch.from_numpy(np.random.RandomState(7).randn(2, 4, h // 8, w // 8)).float()
+        c, uc = text(model, "a cat", 2)
+        masked = model.get_first_stage_encoding(model.encode_first_stage(image * (mask < 0.5)))
+        c_cat = torch.cat([F.interpolate(mask, size=(h // 8, w // 8)), masked], dim=1)
+        z, _ = DDIMSampler(model).sample(2, 2, [4, h // 8, w // 8], {"c_concat": [c_cat], "c_crossattn": [c]}, verbose=False,
+                                         eta=1.0, unconditional_guidance_scale=10.0,
+                                         unconditional_conditioning={"c_concat": [c_cat], "c_crossattn": [uc]}, x_T=start_code)
+        expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(z))]  # the padding cropped off
+    assert_same_images(got, expected)
+
+
+def test_depth2img_matches_the_original_demo(families, tmp_path):
+    inputs = families["inputs"]
+    assert run(families, "depth2img", tmp_path, "--image", str(inputs["image"]), "--prompt", "a hall", "--steps", "4",
+               "--strength", "0.5") == 0
+    model = load_model_from_config(families["depth2img"]["config"], families["depth2img"]["ckpt"])
+    image = demo_image(inputs["image"])
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(4, ddim_eta=0.0, verbose=False)
+    with torch.no_grad():
+        seed_everything(7)
+        z = model.get_first_stage_encoding(model.encode_first_stage(image))
+        c, uc = text(model, "a hall", 1)
+        c_cat = model.depth_conditioning(image)
+        t_enc = 2  # min(int(0.5 * 4), 4 - 1)
+        z_enc = sampler.stochastic_encode(z, torch.tensor([t_enc]))
+        samples_ = sampler.decode(z_enc, {"c_concat": [c_cat], "c_crossattn": [c]}, t_enc, unconditional_guidance_scale=9.0,
+                                  unconditional_conditioning={"c_concat": [c_cat], "c_crossattn": [uc]})
+        expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(samples_))]
+    assert_same_images(samples(tmp_path), expected)
+
+
+def test_depth2img_takes_a_depth_map(families, tmp_path):
+    inputs = families["inputs"]
+    flags = ["--image", str(inputs["image"]), "--strength", "1.0"]
+    assert run(families, "depth2img", tmp_path / "midas", *flags) == 0
+    assert run(families, "depth2img", tmp_path / "map", *flags, "--depth-map", str(inputs["depth"])) == 0
+    [midas], [given] = samples(tmp_path / "midas"), samples(tmp_path / "map")
+    assert given.shape == (40, 50, 3) and not np.array_equal(midas, given)  # the depth map conditions the result
+    with Image.open(sorted((tmp_path / "map" / "samples").glob("*.png"))[0]) as png:
+        assert png.text["depth_map"] == "depth.png"
+
+
+def test_upscale_matches_the_original_demo(families, tmp_path):
+    inputs = families["inputs"]
+    assert run(families, "upscale", tmp_path, "--image", str(inputs["small"]), "--prompt", "a photo", "--noise_level", "30") == 0
+    model = load_model_from_config(families["upscale"]["config"], families["upscale"]["ckpt"])
+    low = demo_image(inputs["small"])  # 24x16 padded to 128x128
+    h, w = low.shape[2:]
+    with torch.no_grad():
+        seed_everything(7)
+        start_code = torch.from_numpy(np.random.RandomState(7).randn(1, 4, h, w)).float()
+        c, uc = text(model, "a photo", 1)
+        # As the demo's make_noise_augmentation: contiguous first (randn_like keeps a permuted layout).
+        x_aug, level = model.low_scale_model(low.contiguous(), torch.tensor([30]))
+        z, _ = DDIMSampler(model).sample(2, 1, [4, h, w], {"c_concat": [x_aug], "c_crossattn": [c], "c_adm": level},
+                                         verbose=False, eta=0.0, unconditional_guidance_scale=10.0, x_T=start_code,
+                                         unconditional_conditioning={"c_concat": [x_aug], "c_crossattn": [uc], "c_adm": level})
+        expected = [x[: 4 * 16, : 4 * 24] for x in to_uint8(model.decode_first_stage(z))]
+    got = samples(tmp_path)
+    assert got[0].shape == (64, 96, 3)  # four times the input
+    assert_same_images(got, expected)
+
+
+def test_variations_match_the_original_demo(families, tmp_path):
+    inputs = families["inputs"]
+    assert run(families, "variations", tmp_path, "--image", str(inputs["photo"]), "--prompt", "a photo", "--noise_level", "100",
+               "--n_samples", "2") == 0
+    model = load_model_from_config(families["variations"]["config"], families["variations"]["ckpt"])
+    with torch.no_grad():
+        seed_everything(7)
+        image = load_init_image(str(inputs["photo"]), 64).repeat(2, 1, 1, 1)  # Lanczos down to 64x64, as the demo
+        adm, level = model.noise_augmentor(model.embedder(image), noise_level=torch.tensor([100, 100]))
+        adm = torch.cat((adm, level), 1)
+        uc = model.get_learned_conditioning(2 * [""])
+        c = model.get_learned_conditioning(2 * ["a photo"])
+        z, _ = DDIMSampler(model).sample(2, 2, [4, 8, 8], {"c_crossattn": [c], "c_adm": adm}, verbose=False, eta=0.0,
+                                         unconditional_guidance_scale=10.0, x_T=None,
+                                         unconditional_conditioning={"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)})
+        expected = to_uint8(model.decode_first_stage(z))
+    assert_same_images(samples(tmp_path), expected)
+
+
+def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats, capsys):
+    inputs = families["inputs"]
+    config = OmegaConf.load(families["variations-l"]["config"])
+    config.model.params.noise_aug_config.params.clip_stats_path = str(tmp_path / "absent" / "ViT-L-14_stats.th")
+    OmegaConf.save(config, tmp_path / "no-stats.yaml")
+    flags = ["--ckpt", str(families["variations-l"]["ckpt"]), "--image", str(inputs["photo"]), "--outdir", str(tmp_path / "out"), *FAST]
+    assert main(["--config", str(tmp_path / "no-stats.yaml"), *flags], "variations") == 1
+    err = capsys.readouterr().err
+    assert "ViT-L-14_stats.th" in err and "--clip_stats" in err and not (tmp_path / "out").exists()
+    assert main(["--config", str(tmp_path / "no-stats.yaml"), *flags, "--clip_stats", str(tiny_clip_stats)], "variations") == 0
+    assert len(samples(tmp_path / "out")) == 1
+
+
+@pytest.mark.parametrize("script, task", [("inpaint.py", "inpaint"), ("depth2img.py", "depth2img"), ("upscale.py", "upscale"),
+                                          ("unclip.py", "variations")])
+def test_scripts_are_the_tasks_entry_points(script, task):
+    source = (Path(__file__).resolve().parents[2] / "scripts" / script).read_text()
+    assert f'main(sys.argv[1:], "{task}")' in source
+    load_script(f"scripts/{script}")  # imports cleanly
+
+
+def bad_inputs(families, tmp_path):
+    inputs = families["inputs"]
+    Image.new("L", (30, 30)).save(tmp_path / "other-size.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    flat = tmp_path / "flat.png"
+    Image.new("L", (50, 40), 128).save(flat)
+    image = ["--image", str(inputs["image"])]
+    return {
+        "mask size": ("inpaint", [*image, "--mask", str(tmp_path / "other-size.png")], 1, "--mask", "30x30 differs from the image's 50x40"),
+        "mask unreadable": ("inpaint", [*image, "--mask", str(tmp_path / "notes.png")], 1, "--mask", "cannot be read as an image"),
+        "no mask": ("inpaint", image, 2, "--mask", "the following arguments are required: --mask"),
+        "flat depth map": ("depth2img", [*image, "--depth-map", str(flat)], 1, "--depth-map", "the depth map is constant"),
+        "noise level": ("upscale", [*image, "--noise_level", "351"], 2, "--noise_level 351", "must be in [0, 350]"),
+        "wrong family": ("upscale", image, 2, "the upscale task needs a LatentUpscaleDiffusion model", "x4-upscaling.yaml"),
+        "image missing": ("variations", ["--image", str(tmp_path / "absent.png")], 1, "--image", "no such file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["mask size", "mask unreadable", "no mask", "flat depth map", "noise level", "wrong family",
+                                  "image missing"])
+def test_bad_input_is_explained_and_writes_nothing(families, tmp_path, capsys, case):
+    task, flags, status, *messages = bad_inputs(families, tmp_path)[case]
+    model = "inpaint" if case == "wrong family" else None
+    out = tmp_path / "out"
+    assert run(families, task, out, *flags, model=model) == status
+    err = capsys.readouterr().err
+    assert all(m in err for m in messages), err
+    assert not out.exists() and "Traceback" not in err
