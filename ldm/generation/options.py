@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.generation import distributed
 from ldm.generation.argtypes import finite, float_in, non_negative, positive, seed
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import SD2_CONFIG
@@ -80,6 +81,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     bench.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
     bench.add_argument("--vae_slice_size", type=positive, default=None,
                        help=f"decode at most this many latents at a time (default: as many as make {VAE_SLICE_PIXELS // 2**20} Mpixel, at least 1)")
+    distributed.add_arguments(p)
     return p
 
 
