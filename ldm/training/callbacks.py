@@ -44,10 +44,13 @@ class AtomicCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step == self._last_saved_step:
             return
+        self._last_saved_step = trainer.global_step
+        if not trainer.is_global_zero:  # under DDP every rank takes part in saving, only rank 0 writes
+            trainer.save_checkpoint(self.last_path)
+            return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.last_path, overwrite=True) as tmp:
             trainer.save_checkpoint(tmp)
-        self._last_saved_step = trainer.global_step
         logger.info("step %d: checkpoint written to %s", trainer.global_step, self.last_path)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
