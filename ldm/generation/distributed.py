@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,13 +400,24 @@ class Session:
 
 def raise_failures(outcomes: Sequence[Outcome], rank: int, own: BaseException | None) -> None:
     """After a meeting: re-raise this rank's own error, or stop because of another rank's."""
+    failed = [o for o in outcomes if o.error is not None and not o.stopped] or [o for o in outcomes if o.error is not None]
+    if len(outcomes) > 1 and failed:
+        _ignore_sigterm()
     if own is not None:
         raise own
-    failed = [o for o in outcomes if o.error is not None and not o.stopped] or [o for o in outcomes if o.error is not None]
     if failed:
         first = failed[0]
         more = f" (and rank{'s' * (len(failed) > 2)} {', '.join(str(o.rank) for o in failed[1:])})" if len(failed) > 1 else ""
         raise PeerFailed(f"stopped because rank {first.rank} failed{more}: {first.error}")
+
+
+def _ignore_sigterm() -> None:
+    """The run ends with an error on every rank: ignore SIGTERM from now on, so that the SIGTERM
+    torchrun sends once the first rank exits does not replace this rank's own message."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _first_line(error: BaseException) -> str:
