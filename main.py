@@ -61,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained network")
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="also write the exported weights to PATH (refuses to overwrite an existing file)")
+    from ldm.training import distributed
+
+    distributed.add_arguments(parser)
     return parser.parse_known_args(argv)
 
 
@@ -151,6 +154,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from ldm.checkpoint import save_state_dict
+    from ldm.training import distributed
     from ldm.training.callbacks import AtomicCheckpoint, RandomState
     from ldm.util import instantiate_from_config
 
@@ -179,10 +183,13 @@ def run(argv: Sequence[str] | None = None) -> Path:
     checkpoint = AtomicCheckpoint(ckpt_dir, int(lightning.get("checkpoint_every_n_steps", 500)), model_yaml)
     trainer_options: dict[str, Any] = {"max_epochs": -1, "log_every_n_steps": 25, "accelerator": "auto", "devices": 1}
     trainer_options.update(OmegaConf.to_container(lightning.get("trainer", {}), resolve=True))
+    trainer_options = distributed.trainer_options(args, trainer_options)  # --devices, --num_nodes, --strategy
+    if problem := distributed.unsupported(trainer_options):
+        raise ConfigError(problem)
     trainer = pl.Trainer(
         default_root_dir=str(logdir),
         logger=CSVLogger(str(logdir), name="logs"),
-        callbacks=[checkpoint, RandomState()],
+        callbacks=[checkpoint, RandomState(), *distributed.callbacks(seed)],
         enable_checkpointing=False,
         **trainer_options,
     )
@@ -193,6 +200,9 @@ def run(argv: Sequence[str] | None = None) -> Path:
             f"SIGTERM after step {checkpoint.last_saved_step}, which is saved in {last}; "
             "run the same command with --resume to continue from there"
         ) from None
+    exported = logdir / "model.safetensors"
+    if not trainer.is_global_zero:  # several ranks: rank 0 exports
+        return exported
 
     state = module.export_state_dict()
     metadata = {"config": model_yaml, "global_step": str(trainer.global_step), "seed": str(seed)}
@@ -201,7 +211,6 @@ def run(argv: Sequence[str] | None = None) -> Path:
         std = module.latent_std(batch[module.image_key])
         metadata["latent_std"] = repr(std)
         logger.info("latent std %.5f: a diffusion model on these latents wants scale_factor %.5f", std, 1 / std)
-    exported = logdir / "model.safetensors"
     save_state_dict(state, exported, overwrite=True, metadata=metadata)
     logger.info("exported weights to %s", exported)
     if args.export:

@@ -161,7 +161,8 @@ class ImageWriter:
         self.saved: list[Path] = []
         self._next: dict[Path, int] = {}
 
-    def _save(self, array: np.ndarray, folder: Path, pattern: re.Pattern, name: str, extra: dict[str, Any]) -> Path:
+    def _save(self, array: np.ndarray, folder: Path, pattern: re.Pattern, name: str, extra: dict[str, Any],
+              number: int | None = None) -> Path:
         info = PngImagePlugin.PngInfo()
         for key, value in {**self.metadata, **extra}.items():
             info.add_text(key, str(value))
@@ -171,7 +172,16 @@ class ImageWriter:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise GenerationError(f"--outdir {self.outdir}: cannot create {folder}: {e.strerror or e}") from None
-            self._next[folder] = next_number(folder, pattern)
+            self._next[folder] = next_number(folder, pattern) if number is None else 0
+        if number is not None:  # a job's global numbering: the name is fixed, taking another would collide
+            path = folder / name.format(number)
+            try:
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG", pnginfo=info)
+            except FileExistsError:
+                raise GenerationError(f"{path} exists: another run is writing into {folder}; "
+                                      "give each run its own --outdir") from None
+            return path
         while True:
             path = folder / name.format(self._next[folder])
             self._next[folder] += 1
@@ -182,8 +192,9 @@ class ImageWriter:
             except FileExistsError:  # written by another run meanwhile: take the next number
                 continue
 
-    def sample(self, array: np.ndarray, **extra: Any) -> Path:
-        path = self._save(array, self.sample_dir, SAMPLE_NAME, "{:05}.png", extra)
+    def sample(self, array: np.ndarray, number: int | None = None, **extra: Any) -> Path:
+        """Save a sample as ``number`` (never over an existing file), or by default as the next free number."""
+        path = self._save(array, self.sample_dir, SAMPLE_NAME, "{:05}.png", extra, number)
         self.saved.append(path)
         return path
 

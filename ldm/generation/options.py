@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.generation import distributed
 from ldm.generation.argtypes import finite, float_in, non_negative, positive, seed
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import SD2_CONFIG
@@ -62,6 +63,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     bench.add_argument("--vae_tile_size", type=positive, default=None,
                        help="decode in overlapping tiles of this many latent pixels (default: whole images; tiles are "
                             "chosen automatically when a whole image would not fit in memory)")
+    distributed.add_arguments(p)
     p.set_defaults(**pipeline.cli_defaults)
     return p
 

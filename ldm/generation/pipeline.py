@@ -109,6 +109,12 @@ class Pipeline:
         self._prng = np.random.RandomState(self.sampling.seed) if self.numpy_start_code else None
         self.start_code = self._noise(self.n_samples) if self.sampling.fixed_code else None
 
+    def reseed(self, seed: int) -> None:
+        """Restart the pipeline's own random stream (the NumPy starting noise) from ``seed``: the
+        batch rule of distributed runs reseeds every batch (see docs/distributed.md)."""
+        if self._prng is not None:
+            self._prng = np.random.RandomState(seed)
+
     def _noise(self, batch_size: int) -> torch.Tensor | None:
         """Starting latents: from the NumPy stream where the original's demo draws them so, else
         None (the sampler draws them from torch's generator, as the original scripts)."""

@@ -7,21 +7,24 @@ import json
 import logging
 import random
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm, trange
+from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.devices import device_name, synchronize
 from ldm.fileio import write_text
+from ldm.generation import distributed
+from ldm.generation.distributed import Outcome, Plan, Session, Unit, batch_seed, job_units
 from ldm.generation.errors import GenerationError, UsageError
-from ldm.generation.images import ImageWriter, Watermarker, to_uint8
+from ldm.generation.images import SAMPLE_NAME, ImageWriter, Watermarker, next_number, to_uint8
 from ldm.generation.memory import check_fits
 from ldm.generation.model import REPO_ROOT, SD2_CONFIG, Model
 from ldm.generation.options import DEMO_PROMPT, build_parser, check_latent_flags, check_output_paths, read_prompts, settings_from_args
@@ -62,59 +65,92 @@ class Timing:
     batches: int = 0
     peak_gpu_memory_bytes: int | None = None
     grid: Path | None = None
+    shown: list[tuple[int, str, np.ndarray]] = field(default_factory=list, repr=False)  # (global index, prompt, pixels)
 
 
-def generate(pipeline: Pipeline, batches: list[list[str]], output: OutputSettings, writer: ImageWriter) -> Timing:
+@dataclass
+class Work:
+    """What this process generates, and how: its batches in order, the seed rule and the file
+    numbering (:class:`~ldm.generation.distributed.Plan`). The default is the whole job as one
+    process runs it: one seeded stream, files numbered after those already there."""
+
+    units: list[Unit]
+    plan: Plan = field(default_factory=lambda: Plan("stream", None))
+    check_peers: Callable[[], None] = lambda: None  # raises when another process failed
+    progress: bool = True
+
+
+def generate(pipeline: Pipeline, batches: list[list[str]], output: OutputSettings, writer: ImageWriter,
+             work: Work | None = None) -> Timing:
     """Warm up (``skip_first``), seed, then the ``n_iter`` timed iterations; images are saved untimed.
 
-    The images depend on the seed only, not on the warm-up or on how the model was loaded.
+    The images depend on the seed only, not on the warm-up or on how the model was loaded. Under
+    the batch rule each batch reseeds from (seed, global batch index) and images already on disk
+    (``--skip_existing``) are not written again. The grid is left to the caller (``timing.shown``).
     """
+    work = work or Work(job_units(batches, output.n_iter))
     model, device, seed = pipeline.model, pipeline.model.device, pipeline.sampling.seed
     timing = Timing()
-    grid_images: list[np.ndarray] = []
+    if not work.units:
+        return timing
+    per_iteration: dict[int, list[Unit]] = {}
+    for unit in work.units:
+        per_iteration.setdefault(unit.iteration, []).append(unit)
+    quiet = not work.progress
     with inference(model):
         if output.skip_first:
             seed_everything(seed)
-            sizes = {len(p): p for p in batches}  # one batch of each size: what compilation needs
+            sizes = {len(u.prompts): list(u.prompts) for u in work.units}  # one batch of each size: what compilation needs
             with model.precision():
                 pipeline.start()
-                for prompts in tqdm(list(sizes.values()), desc="Warm-up"):
+                for prompts in tqdm(list(sizes.values()), desc="Warm-up", disable=quiet):
                     pipeline(prompts)
         seed_everything(seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with model.precision():
             pipeline.start()
-            for iteration in trange(output.n_iter, desc="Sampling"):
-                for number, prompts in enumerate(tqdm(batches, desc="data")):
+            for iteration, units in tqdm(per_iteration.items(), desc="Sampling", disable=quiet):
+                for unit in tqdm(units, desc="data", disable=quiet):
+                    work.check_peers()
+                    extra = {}
+                    if work.plan.seed_mode == "batch":
+                        extra["batch_seed"] = batch_seed(seed, unit.index)
+                        seed_everything(extra["batch_seed"])
+                        pipeline.reseed(extra["batch_seed"])
+                    prompts = list(unit.prompts)
                     synchronize(device)
                     start = time.perf_counter()
                     try:
                         images = pipeline(prompts)
                     except NonFiniteError as e:
-                        n = timing.images
+                        n = len(writer.saved)
                         written = f"; the {n} image{'s' * (n != 1)} written before it {'are' if n != 1 else 'is'} kept" if n else ""
-                        raise NonFiniteError(f"iteration {iteration + 1}, batch {number + 1} ({prompts[0]!r}): {e}{written}") from None
+                        raise NonFiniteError(f"iteration {iteration + 1}, batch {unit.number + 1} ({prompts[0]!r}): {e}{written}") from None
                     synchronize(device)
                     timing.seconds += time.perf_counter() - start
                     timing.batches += 1
                     for index, (image, prompt) in enumerate(zip(images, prompts)):
                         array = to_uint8(image)
-                        writer.sample(array, prompt=prompt, iteration=iteration, batch_index=index)
-                        grid_images.append(array)
+                        number = unit.first_image + index
+                        if number not in work.plan.existing:
+                            writer.sample(array, work.plan.file_number(number), prompt=prompt, iteration=iteration,
+                                          batch_index=index, **extra)
+                        timing.shown.append((number, prompt, array))
                         timing.images += 1
         if device.type == "cuda":
             timing.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(device)
-    timing.grid = writer.grid(grid_images, output.n_rows or pipeline.n_samples, [p for b in batches for p in b])
     return timing
 
 
-def image_metadata(pipeline: Pipeline) -> dict[str, str]:
-    """The text chunks every PNG carries, enough to rerun it (with its iteration and batch index)."""
+def image_metadata(pipeline: Pipeline, seed_mode: str = "stream") -> dict[str, str]:
+    """The text chunks every PNG carries, enough to rerun it (with its iteration and batch index,
+    and under the batch seed rule its ``batch_seed``)."""
     s, files = pipeline.sampling, pipeline.model.files
     meta = {
         "negative_prompt": "",
         "seed": s.seed,
+        **({"seed_mode": seed_mode} if seed_mode != "stream" else {}),
         "sampler": s.sampler,
         "steps": s.steps,
         "scale": s.scale,
@@ -169,8 +205,20 @@ def _out_of_memory(error: BaseException) -> bool:
     )
 
 
-def run(args, task: str) -> None:
-    """Check every input, then load, generate and write; ``args`` are the parsed flags of ``task``."""
+@dataclass
+class Prepared:
+    """A run's checked inputs: nothing is loaded yet."""
+
+    model: Model
+    pipeline: Pipeline
+    output: OutputSettings
+    batches: list[list[str]]
+    units: list[Unit]
+    writer: ImageWriter
+
+
+def prepare(args, task: str, seed_mode: str, session: Session) -> Prepared:
+    """Check every input of ``task``'s parsed flags ``args``; every rank runs the same checks."""
     from ldm.generation.tasks import TASKS
 
     model_settings, sampling, output = settings_from_args(args)
@@ -182,7 +230,7 @@ def run(args, task: str) -> None:
         if model_settings.ckpt is None and not model_settings.random_weights:
             raise GenerationError(f"--ckpt is required for {task}: pass its checkpoint (with --config {task_class.family_config})")
     model = Model(model_settings)
-    if model.files.demo:
+    if model.files.demo and session.is_main:
         print(
             f"Using the demo model ({_shown(model.files.config)}, prompts like {DEMO_PROMPT!r}); for Stable Diffusion 2 pass "
             f"--config {SD2_CONFIG} --ckpt PATH/TO/v2-1_512-ema-pruned.ckpt"
@@ -194,12 +242,31 @@ def run(args, task: str) -> None:
     check_output_paths(output)
     pipeline.vae_tile_size = args.vae_tile_size
     check_fits(pipeline, guided=sampling.scale != 1.0)
-    if hasattr(pipeline, "t_enc"):
+    if hasattr(pipeline, "t_enc") and session.is_main:
         logger.info("%s: the init image is noised by %d of %d steps, then denoised", task, pipeline.t_enc, sampling.steps)
-    writer = ImageWriter(output.outdir, Watermarker(output.watermark), image_metadata(pipeline))
+    writer = ImageWriter(output.outdir, Watermarker(output.watermark), image_metadata(pipeline, seed_mode))
+    return Prepared(model, pipeline, output, batches, job_units(batches, output.n_iter), writer)
+
+
+def make_plan(prepared: Prepared, seed_mode: str, skip_existing: bool, session: Session) -> Plan:
+    """Rank 0's decisions for every rank: the file numbering and the images already written."""
+    units, sample_dir = prepared.units, prepared.writer.sample_dir
+    total = sum(len(u.prompts) for u in units)
+    if skip_existing:
+        existing = distributed.check_existing(sample_dir, units, prepared.writer.metadata, prepared.pipeline.sampling.seed)
+        if existing:
+            logger.info("--skip_existing: %d of the job's %d images are in %s already", len(existing), total, _shown(sample_dir))
+        return Plan(seed_mode, 0, existing, total)
+    if session.distributed:  # every rank numbers from the same base: the next free number now
+        return Plan(seed_mode, next_number(sample_dir, SAMPLE_NAME) if sample_dir.is_dir() else 0, total_images=total)
+    return Plan(seed_mode, None, total_images=total)
+
+
+def load_and_generate(prepared: Prepared, work: Work) -> Timing:
+    """:func:`generate`, with its failures turned into one-line errors."""
+    model, pipeline, output = prepared.model, prepared.pipeline, prepared.output
     try:
-        model.load()
-        timing = generate(pipeline, batches, output, writer)
+        return generate(pipeline, prepared.batches, output, prepared.writer, work)
     except OSError as e:  # a full disk, a folder removed meanwhile: the images written so far are complete
         raise GenerationError(f"writing the output failed: {e}") from None
     except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -211,19 +278,108 @@ def run(args, task: str) -> None:
         message = str(e)
         if "No available kernel" in message or "No viable backend" in message:
             raise GenerationError(f"the SDPA backends left enabled cannot run this model's attention on {model.device.type}: {message.splitlines()[0]}") from None
-        if model_settings.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        if model.settings.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise GenerationError(f"torch.compile failed on the UNet: {message.strip().splitlines()[0]}") from None
         raise
+
+
+def run(args, task: str) -> None:
+    """Check every input, then load, generate and write; ``args`` are the parsed flags of ``task``.
+
+    Under torchrun each process generates its share of the job (ldm.generation.distributed) and
+    rank 0 writes the grid, the time and stats files and the summary.
+    """
+    job = distributed.settings_from_args(args)
+    session = Session.from_env(job.timeout)
+    seed_mode = job.resolved_seed_mode(session.world_size)
+    args.device = session.device(args.device)
+    session.start(args.device)
+    try:
+        _run(args, task, job.skip_existing, seed_mode, session)
+    finally:
+        session.close()
+
+
+def _run(args, task: str, skip_existing: bool, seed_mode: str, session: Session) -> None:
+    # 1. Every rank checks its inputs, rank 0 plans; they meet, and one failure stops them all.
+    prepared, plan, digest, own = None, None, None, None
+    try:
+        prepared = prepare(args, task, seed_mode, session)
+        digest = distributed.job_digest(prepared.units, prepared.writer.metadata)
+        if session.is_main:
+            plan = make_plan(prepared, seed_mode, skip_existing, session)
+    except Exception as e:  # noqa: BLE001  (reported to the other ranks, then raised here)
+        if isinstance(e, Terminated):
+            raise
+        own = e
+    outcomes = session.all_gather(Outcome(session.rank, distributed.describe(own) if own else None, (plan, digest)), "starting the run")
+    distributed.raise_failures(outcomes, session.rank, own)
+    distributed.check_same_job([o.data[1] for o in outcomes])
+    plan = outcomes[0].data[0]
+    if session.is_main and seed_mode == "batch" and args.seed_mode is None:
+        logger.info("seeding each batch from --seed and its index (--seed_mode batch): the images do not depend on the "
+                    "number of processes; a one-process run gives them with --seed_mode batch")
+
+    # 2. Each rank generates its share, stopping early when another fails; they meet again.
+    work = Work(plan.share(prepared.units, session.rank, session.world_size), plan, session.check_peers, session.is_main)
+    timing, own = Timing(), None
+    try:
+        timing = load_and_generate(prepared, work)
+    except (Terminated, KeyboardInterrupt) as e:
+        session.report_failure("terminated by SIGTERM" if isinstance(e, Terminated) else "interrupted")
+        raise
+    except Exception as e:  # noqa: BLE001
+        own = e
+        if isinstance(e, distributed.PeerFailed):
+            n = len(prepared.writer.saved)
+            own = distributed.PeerFailed(f"{e} (the {n} image{'s' * (n != 1)} this process wrote {'are' if n != 1 else 'is'} complete)")
+        elif session.distributed:
+            session.report_failure(distributed.describe(e))
+    report = distributed.RankReport(session.rank, socket.gethostname(), device_name(prepared.model.device), timing.images,
+                                    timing.batches, timing.seconds, timing.peak_gpu_memory_bytes,
+                                    [p.name for p in prepared.writer.saved])
+    outcomes = session.all_gather(Outcome(session.rank, distributed.describe(own) if own else None, report,
+                                          stopped=isinstance(own, distributed.PeerFailed)), "finishing the run")
+    distributed.raise_failures(outcomes, session.rank, own)
+    shown = session.gather(timing.shown, "collecting the images of the grid")
+    if session.is_main:
+        finish(prepared, plan, [o.data for o in outcomes], [item for items in shown for item in items], session)
+    elif timing.images:
+        logger.info("%d images in %.3f s; rank 0 writes the grid and the summary", timing.images, timing.seconds)
+
+
+def finish(prepared: Prepared, plan: Plan, reports: list[distributed.RankReport], shown: list[tuple[int, str, np.ndarray]],
+           session: Session) -> None:
+    """Rank 0, once every rank is done: the grid, the time and stats files, the summary line."""
+    pipeline, output, writer = prepared.pipeline, prepared.output, prepared.writer
+    timing = Timing(max(r.seconds for r in reports), sum(r.images for r in reports), sum(r.batches for r in reports),
+                    max((r.peak_gpu_memory_bytes for r in reports if r.peak_gpu_memory_bytes is not None), default=None))
+    if not timing.images:
+        print(f"all {plan.total_images} images of the job are in {writer.sample_dir} already: nothing to do")
+        return
+    shown.sort(key=lambda item: item[0])
+    try:
+        timing.grid = writer.grid([a for _, _, a in shown], output.n_rows or pipeline.n_samples, [p for _, p, _ in shown])
+    except OSError as e:
+        raise GenerationError(f"writing the output failed: {e}") from None
     if output.time_file:
         write_text(output.time_file, f"{timing.seconds:.6f}\n", overwrite=True)
     if output.stats_file:
-        write_text(output.stats_file, json.dumps(run_stats(pipeline, output, timing), indent=2) + "\n", overwrite=True)
-    first, last = writer.saved[0].name, writer.saved[-1].name
+        stats = run_stats(pipeline, output, timing)
+        if session.distributed or plan.seed_mode != "stream":
+            stats.update(distributed.job_stats(reports, plan, pipeline.steps_per_batch))
+        write_text(output.stats_file, json.dumps(stats, indent=2) + "\n", overwrite=True)
+    numbers = sorted(int(SAMPLE_NAME.match(name).group(1)) for r in reports for name in r.saved)
+    first, last = f"{numbers[0]:05}.png", f"{numbers[-1]:05}.png"
     names = first if first == last else f"{first} to {last}"
-    plural = "s" if timing.images != 1 else ""
+    plural = "s" if len(numbers) != 1 else ""
+    skipped = f", {len(plan.existing)} already there" if plan.existing else ""
+    parallel = ""
+    if session.distributed:
+        parallel = f" by {session.world_size} processes, {timing.images / timing.seconds:.2f} images/s in all"
     print(
-        f"{timing.images} image{plural} in {writer.sample_dir} ({names}), grid {timing.grid}; "
-        f"{timing.seconds / timing.images:.3f} s/image, {timing.batches * pipeline.steps_per_batch / timing.seconds:.2f} it/s"
+        f"{len(numbers)} image{plural} in {writer.sample_dir} ({names}{skipped}), grid {timing.grid}; "
+        f"{timing.seconds / timing.images:.3f} s/image, {timing.batches * pipeline.steps_per_batch / timing.seconds:.2f} it/s{parallel}"
     )
 
 
@@ -259,7 +415,7 @@ def cli_logging() -> Iterator[None]:
         yield
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"{distributed.log_prefix()}%(levelname)s: %(message)s"))
     package = logging.getLogger("ldm")
     old_root, old_package = root.level, package.level
     root.addHandler(handler)
@@ -287,6 +443,7 @@ def main(argv: Sequence[str] | None = None, task: str = "txt2img") -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (already printed)
         return int(e.code or 0)
+    parser.prog = f"{distributed.log_prefix()}{parser.prog}"  # under torchrun: which process says it
     with cli_logging(), sigterm_as_exception():
         try:
             run(args, task)
@@ -296,6 +453,7 @@ def main(argv: Sequence[str] | None = None, task: str = "txt2img") -> int:
             print(f"{parser.prog}: interrupted (images written so far are complete)", file=sys.stderr)
             return 130
         except Terminated:
-            print(f"{parser.prog}: terminated by SIGTERM (images written so far are complete)", file=sys.stderr)
+            why = "; torchrun stops every process when one fails: see the first error" if distributed.log_prefix() else ""
+            print(f"{parser.prog}: terminated by SIGTERM (images written so far are complete{why})", file=sys.stderr)
             return 128 + signal.SIGTERM
     return 0

@@ -55,6 +55,10 @@ class AtomicCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step == self.last_saved_step:
             return
+        if not trainer.is_global_zero:  # under DDP every rank takes part in saving, only rank 0 writes
+            trainer.save_checkpoint(self.last_path, weights_only=False)
+            self.last_saved_step = trainer.global_step
+            return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.last_path, overwrite=True) as tmp:
             trainer.save_checkpoint(tmp, weights_only=False)  # the full training state, optimizer included
