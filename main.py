@@ -191,6 +191,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         logger=CSVLogger(str(logdir), name="logs"),
         callbacks=[checkpoint, RandomState(), *distributed.callbacks(seed)],
         enable_checkpointing=False,
+        use_distributed_sampler=False,  # the resumable loader splits the epoch between ranks itself
         **trainer_options,
     )
     try:

@@ -24,7 +24,8 @@ def _derived_seed(*entropy: int) -> int:
 
 class _EpochOrder(Sampler[tuple[int, int, int, int]]):
     """The epoch's permutation of ``size`` samples, a function of ``(seed, epoch)`` alone, from
-    position ``start`` on. Each index comes as the key ``(seed, epoch, position, index)``."""
+    position ``start`` on, split between the ranks of a process group (DDP) as a
+    ``DistributedSampler`` would. Each index comes as the key ``(seed, epoch, position, index)``."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
@@ -35,13 +36,24 @@ class _EpochOrder(Sampler[tuple[int, int, int, int]]):
         """Lightning calls this at the start of every epoch, a resumed one included."""
         self.epoch = epoch
 
+    @staticmethod
+    def _shard() -> tuple[int, int]:
+        """(rank, world size) of the process group, (0, 1) without one."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return self.size
+        return self.size // self._shard()[1]
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        """This rank's share of the epoch's permutation: every world-th position from its rank
+        (the tail that does not divide evenly dropped), keyed by the position in the whole order."""
+        rank, world = self._shard()
         generator = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
-        for position in range(self.start, self.size):
+        for local in range(self.start, self.size // world):
+            position = local * world + rank
             yield self.seed, self.epoch, position, order[position]
 
 
