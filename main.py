@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.fileio import write_text
+from ldm.loading import load_config
 from ldm.training.data import ResumableDataLoader
 
 logger = logging.getLogger("main")
@@ -72,11 +72,7 @@ def load_training_config(paths: Sequence[str], overrides: Sequence[str]) -> Dict
     for arg in overrides:
         if "=" not in arg or arg.startswith("-"):
             raise ConfigError(f"unrecognised argument {arg!r} (overrides are written key=value)")
-    configs = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config not found: {path}")
-        configs.append(OmegaConf.load(path))
+    configs = [load_config(path) for path in paths]  # a missing file: FileNotFoundError naming it
     config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
     missing = [s for s in SECTIONS if s not in config]
     if missing:
