@@ -87,7 +87,6 @@ def load_training_config(paths: Sequence[str], overrides: Sequence[str]) -> Dict
     params = config.model.get("params") or {}
     if isinstance(params.get("ldm_config"), str):
         # Inline the referenced inference config, so the run's saved config stands alone.
-
         config.model.params.ldm_config = load_config(params.ldm_config).model
     return config
 
