@@ -25,6 +25,12 @@ def checked_side(flag: str, side: int, model: Model) -> int:
     return side
 
 
+def requested_size(model: Model, height: int | None, width: int | None) -> tuple[int, int]:
+    """``--H``/``--W`` (each the model's native size when not given), checked."""
+    native = model.geometry.native_size
+    return checked_side("--H", height or native, model), checked_side("--W", width or native, model)
+
+
 class Txt2ImgPipeline(Pipeline):
     """Text to image with Stable Diffusion 2."""
 
@@ -38,9 +44,7 @@ class Txt2ImgPipeline(Pipeline):
         super().__init__(model, sampling, n_samples, vae_slice_size)
 
     def image_size(self) -> tuple[int, int]:
-        native = self.model.geometry.native_size
-        height, width = self.requested_size
-        return checked_side("--H", height or native, self.model), checked_side("--W", width or native, self.model)
+        return requested_size(self.model, *self.requested_size)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from ldm.generation.images import load_init_image
 from ldm.generation.model import Model
 from ldm.generation.pipeline import Pipeline
 from ldm.generation.settings import SamplingSettings
-from ldm.generation.tasks.txt2img import checked_side
+from ldm.generation.tasks.txt2img import requested_size
 
 
 class VariationsPipeline(Pipeline):
@@ -42,9 +42,7 @@ class VariationsPipeline(Pipeline):
         super().__init__(model, sampling, n_samples, vae_slice_size)
 
     def image_size(self) -> tuple[int, int]:
-        native = self.model.geometry.native_size
-        height, width = self.requested_size
-        return checked_side("--H", height or native, self.model), checked_side("--W", width or native, self.model)
+        return requested_size(self.model, *self.requested_size)
 
     def start(self) -> None:
         augmentor = self.net.noise_augmentor
