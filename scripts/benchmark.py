@@ -51,6 +51,11 @@ NATIVE_CONFIG, NATIVE_WEIGHTS = "native-mha-config.yaml", "native-mha-weights.sa
 RESULTS = ("runs.json", "runs.csv", "summary.md", "runs", NATIVE_CONFIG, NATIVE_WEIGHTS)
 
 
+def default_config(task: str) -> Path:
+    """v2-inference.yaml for txt2img, else the task's family config."""
+    return DEFAULT_CONFIG if task == "txt2img" else ROOT / TASKS[task].family_config
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="txt2img",
@@ -95,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace the results of an earlier benchmark in --outdir")
     args = p.parse_args(argv)
     if args.config is None:
-        args.config = DEFAULT_CONFIG if args.task == "txt2img" else ROOT / TASKS[args.task].family_config
+        args.config = default_config(args.task)
     try:
         args.selected = bm.select(args.configs, args.device)
         bm.plan(args.selected, args.batch_sizes, args.rounds)

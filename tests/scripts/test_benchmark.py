@@ -184,8 +184,8 @@ def test_image_tasks_get_their_family_config_and_sampler(tmp_path):
     args = benchmark.parse_args(["--task", "img2img", "--random-weights", "--outdir", str(tmp_path), "--device", "cpu"])
     assert args.config == ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
     assert benchmark.sampler_of("img2img") == "ddim" and benchmark.sampler_of("txt2img") == "plms"
-    args = benchmark.parse_args(["--task", "inpaint", "--random-weights", "--outdir", str(tmp_path), "--device", "cpu"])
-    assert args.config == ROOT / "configs" / "stable-diffusion" / "v2-inpainting-inference.yaml"
+    assert benchmark.default_config("inpaint") == ROOT / "configs" / "stable-diffusion" / "v2-inpainting-inference.yaml"
+    assert benchmark.default_config("txt2img") == benchmark.DEFAULT_CONFIG
 
 
 def tiny_run(tiny_files, outdir: Path, **model) -> timing.TimedRun:
