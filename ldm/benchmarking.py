@@ -3,7 +3,8 @@
 ``scripts/benchmark.py`` runs each generation as its own process and hands the results to the
 functions here, which hold no process or GPU logic: they can be tested on made-up records.
 The configurations follow the PyTorch 2 acceleration write-up (numbered 1-5), plus flash
-attention and the diffusers peer.
+attention, the CPU's set (eager and compiled at float32 and the default precision) and the peers
+(diffusers, compiled or not; OpenVINO running the same UNet).
 """
 
 from __future__ import annotations
@@ -33,56 +34,78 @@ FIELDS = (
     "images",
     "peak_gpu_memory_bytes",
     "wall_seconds",
+    "warmup_seconds",
+    "load_average",
     "device",
     "torch",
     "commit",
     "detail",
 )
 """Columns of the raw data: ``seconds`` is the time of the timed iterations (warm-up excluded);
-``wall_seconds`` the whole process (start-up, loading, compilation); ``detail`` why a run did not
+``wall_seconds`` the whole process (start-up, loading, compilation); ``warmup_seconds`` the
+untimed first batch (compilation, cold or from the cache, happens there); ``load_average`` the
+machine's 1-minute load average when the run ended; ``detail`` why a run did not
 time (skip reason, last line of the error)."""
 
 
 @dataclass(frozen=True)
 class Configuration:
-    """One way of generating: which runner, with which extra flags."""
+    """One way of generating. Ours (runner "ldm") are ``ModelSettings`` overrides of the benchmark's
+    common settings, run by the pipeline layer in a child process; the peers (runner "diffusers")
+    are ``scripts/benchmark_diffusers.py`` with extra flags."""
 
     name: str
     label: str
-    runner: str  # "ldm" (scripts/txt2img.py) or "diffusers" (scripts/benchmark_diffusers.py)
-    flags: tuple[str, ...] = ()
+    runner: str  # "ldm" (ldm.generation.timing) or "diffusers" (scripts/benchmark_diffusers.py)
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)  # ModelSettings fields (ldm)
+    flags: tuple[str, ...] = ()  # command-line flags (diffusers)
     requires: tuple[str, ...] = ()  # modules that must be importable, else the configuration is skipped
     optimised: bool = False  # uses the optimised attention path (native MHA layout when asked)
-    default: bool = True
+    default: bool = True  # in the default set on a GPU
+    cpu: bool = False  # in the default set on the CPU
 
 
-_MATH = ("--attention", "sdpa", "--disable_flash", "--disable_mem_efficient")
-_MEM_EFFICIENT = ("--attention", "sdpa", "--disable_flash", "--disable_math")
-_FLASH = ("--attention", "sdpa", "--disable_mem_efficient", "--disable_math")
+_MATH = {"attention": "sdpa", "disable_flash": True, "disable_mem_efficient": True}
+_MEM_EFFICIENT = {"attention": "sdpa", "disable_flash": True, "disable_math": True}
+_FLASH = {"attention": "sdpa", "disable_mem_efficient": True, "disable_math": True}
 _PEER = ("diffusers", "transformers")
+_FULL = {"precision": "full"}
 
 CONFIGURATIONS = (
-    Configuration("original", "1. original, no xFormers", "ldm", ("--attention", "vanilla")),
-    Configuration("xformers", "2. original + xFormers", "ldm", ("--attention", "xformers"), requires=("xformers",)),
+    Configuration("original", "1. original, no xFormers", "ldm", {"attention": "vanilla"}, cpu=True),
+    Configuration("xformers", "2. original + xFormers", "ldm", {"attention": "xformers"}, requires=("xformers",)),
     Configuration("math", "3. optimised, math attention", "ldm", _MATH, optimised=True),
     Configuration("mem_efficient", "4. optimised, mem-efficient attention", "ldm", _MEM_EFFICIENT, optimised=True),
     Configuration(
-        "mem_efficient_compile", "5. optimised, mem-efficient + compile", "ldm", (*_MEM_EFFICIENT, "--compile"), optimised=True
+        "mem_efficient_compile", "5. optimised, mem-efficient + compile", "ldm", {**_MEM_EFFICIENT, "compile": True}, optimised=True
     ),
     Configuration("flash", "optimised, flash attention", "ldm", _FLASH, optimised=True),
-    Configuration("flash_compile", "optimised, flash + compile", "ldm", (*_FLASH, "--compile"), optimised=True, default=False),
-    Configuration("diffusers_sdpa", "diffusers, SDPA", "diffusers", (), requires=_PEER),
-    Configuration("diffusers_sdpa_compile", "diffusers, SDPA + compile", "diffusers", ("--compile",), requires=_PEER),
+    Configuration("flash_compile", "optimised, flash + compile", "ldm", {**_FLASH, "compile": True}, optimised=True, default=False),
+    # The CPU's set: txt2img.py's defaults (SDPA, PyTorch's choice of backend) at both precisions, eager and compiled.
+    Configuration("cpu_full", "CPU: eager, float32", "ldm", _FULL, optimised=True, default=False, cpu=True),
+    Configuration("cpu_default", "CPU: eager, default precision", "ldm", {}, optimised=True, default=False, cpu=True),
+    Configuration("cpu_compile_full", "CPU: --compile, float32", "ldm", {**_FULL, "compile": True}, optimised=True, default=False, cpu=True),
+    Configuration("cpu_compile", "CPU: --compile, default precision (headline)", "ldm", {"compile": True}, optimised=True,
+                  default=False, cpu=True),
+    Configuration("cpu_compile_autotune", "CPU: --compile max-autotune, default precision", "ldm",
+                  {"compile": True, "compile_mode": "max-autotune"}, optimised=True, default=False),
+    Configuration("diffusers_sdpa", "diffusers, SDPA", "diffusers", requires=_PEER),
+    Configuration("diffusers_sdpa_compile", "diffusers, SDPA + compile", "diffusers", flags=("--compile",), requires=_PEER, cpu=True),
+    Configuration("openvino", "OpenVINO UNet (diffusers pipeline)", "diffusers", flags=("--openvino",),
+                  requires=(*_PEER, "openvino"), default=False, cpu=True),
 )
 BY_NAME = {c.name: c for c in CONFIGURATIONS}
 DEFAULT_NAMES = tuple(c.name for c in CONFIGURATIONS if c.default)
+CPU_DEFAULT_NAMES = tuple(c.name for c in CONFIGURATIONS if c.cpu)
 REFERENCES = ("xformers", "original")
 """The baseline of the percent changes: configuration 2, or 1 where 2 has no timing."""
 
-def select(names: Sequence[str] | None) -> list[Configuration]:
-    """The configurations named (in catalogue order), or the default ones; unknown names are an error."""
+
+def select(names: Sequence[str] | None, device: str = "cuda") -> list[Configuration]:
+    """The configurations named (in catalogue order), or the default ones of ``device``'s type;
+    unknown names are an error."""
     if not names:
-        return [BY_NAME[n] for n in DEFAULT_NAMES]
+        return [BY_NAME[n] for n in (CPU_DEFAULT_NAMES if device == "cpu" else DEFAULT_NAMES)]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise ValueError(f"unknown configuration(s) {unknown}; choose from {list(BY_NAME)}")
@@ -157,6 +180,8 @@ class Cell:
     runs: int = 0
     peak_memory: int | None = None
     details: list[str] = field(default_factory=list)
+    warmup_low: float | None = None  # seconds of the untimed first batch (compilation), over the timed rounds
+    warmup_high: float | None = None
 
 
 _FAILURE_ORDER = ("oom", "timeout", "failed", "skipped")
@@ -179,6 +204,9 @@ def summarise(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], Cel
         cell = Cell(status, timed=len(ok), runs=len(rows), peak_memory=max(peaks) if peaks else None, details=details)
         if ok:
             cell.median, cell.low, cell.high = statistics.median(ok), min(ok), max(ok)
+        warm = [float(r["warmup_seconds"]) for r in rows if r["status"] == "ok" and r.get("warmup_seconds") not in (None, "")]
+        if warm:
+            cell.warmup_low, cell.warmup_high = min(warm), max(warm)
         cells[key] = cell
     return cells
 
@@ -238,8 +266,15 @@ def speedup(cells: Mapping[tuple[str, int], Cell], faster: str, slower: str, bat
 TARGETS = (
     ("mem_efficient_compile", "original", 1.6),
     ("mem_efficient_compile", "diffusers_sdpa_compile", 1.0),
+    ("cpu_compile", "cpu_full", 1.5),
+    ("cpu_compile", "original", 1.5),
+    ("cpu_compile_full", "cpu_full", 1.0),
+    ("cpu_compile", "diffusers_sdpa_compile", 1.0),
+    ("cpu_compile", "openvino", 1.0),
 )
-"""The issue's goals on a GPU: configuration 5 at least 1.6x faster than 1, and faster than diffusers compiled."""
+"""The goals: on a GPU configuration 5 at least 1.6x faster than 1 and faster than diffusers compiled;
+on the CPU the headline command (compiled, default precision) at least 1.5x eager float32 and the
+original's configuration, compiled float32 never slower than eager, and ahead of both peers."""
 
 
 def markdown_summary(
@@ -254,7 +289,8 @@ def markdown_summary(
     n_iter = meta.get("n_iter", 2)
     rounds = meta.get("rounds", "?")
     lines = [f"# Benchmark: {meta.get('title', 'txt2img')}", ""]
-    for key in ("date", "device", "torch", "commit", "config", "weights", "size", "steps", "sampler", "precision", "layout", "cpu_threads"):
+    for key in ("date", "device", "cpu", "torch", "commit", "load_average", "task", "config", "weights", "size", "steps", "sampler",
+                "precision", "layout", "cpu_threads"):
         if meta.get(key) is not None:
             lines.append(f"- {key}: {meta[key]}")
     lines.append(f"- timed: {n_iter} iterations per run after one warm-up; {rounds} round(s), each run its own process")
@@ -287,10 +323,21 @@ def markdown_summary(
 
         lines += _table(header, ([c.label, *(memory(cells.get((c.name, b))) for b in batch_sizes)] for c in configs))
 
+    if any(cell.warmup_low is not None for cell in cells.values()):
+        lines += ["", "## Warm-up seconds (the untimed first batch: loading excluded, compilation included; lowest-highest)", ""]
+
+        def warm(cell: Cell | None) -> str:
+            if cell is None or cell.warmup_low is None:
+                return "-" if cell is None or cell.status == "ok" else _status_text(cell)
+            low, high = _seconds(cell.warmup_low), _seconds(cell.warmup_high)
+            return low if low == high else f"{low}-{high}"
+
+        lines += _table(header, ([c.label, *(warm(cells.get((c.name, b))) for b in batch_sizes)] for c in configs))
+
     chosen = {c.name for c in configs}
     targets = [t for t in TARGETS if t[0] in chosen and t[1] in chosen]
     if targets:
-        lines += ["", "## Target ratios (speed-up of the first over the second; GPU goal in brackets)", ""]
+        lines += ["", "## Target ratios (speed-up of the first over the second; the goal in brackets)", ""]
         rows = []
         for faster, slower, goal in targets:
             ratios = [speedup(cells, faster, slower, b) for b in batch_sizes]
@@ -335,7 +382,7 @@ def plot_batch(
             medians.append(cell.median if timed else 0.0)
             lows.append(cell.median - cell.low if timed else 0.0)
             highs.append(cell.high - cell.median if timed else 0.0)
-        colors = ["tab:gray" if c.runner == "diffusers" else ("tab:blue" if c.optimised else "tab:orange") for c in configs]
+        colors = ["tab:gray" if c.runner != "ldm" else ("tab:blue" if c.optimised else "tab:orange") for c in configs]
         ax.bar(xs, medians, yerr=[lows, highs], capsize=4, color=colors)
         top = max([m + h for m, h in zip(medians, highs)] + [1e-9])
         for x, c, m, h in zip(xs, configs, medians, highs):

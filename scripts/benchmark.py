@@ -1,7 +1,8 @@
-"""Benchmark txt2img configurations side by side, as the PyTorch 2 acceleration write-up did.
+"""Benchmark generation configurations side by side, as the PyTorch 2 acceleration write-up did.
 
-Every generation is its own process (``scripts/txt2img.py --skip_first --time_file``, or the
-diffusers peer ``scripts/benchmark_diffusers.py``), run round-robin over the configurations per
+Every generation is its own process: ours a spawned child that runs the pipeline layer from typed
+settings (``ldm.generation.timing``; any task, ``--task``), the peers ``scripts/benchmark_diffusers.py``
+(diffusers, or its pipeline with an OpenVINO UNet), run round-robin over the configurations per
 batch size so that drift hits all alike. Writes to ``--outdir``: ``runs.json`` and ``runs.csv``
 (every run), ``summary.md`` (median and min-max seconds, change against configuration 2, or 1)
 and one bar chart per batch size, ``plot_bs<N>.png``. See docs/benchmark.md.
@@ -33,12 +34,14 @@ from ldm import benchmarking as bm
 from ldm.fileio import write_bytes
 from ldm.generation.errors import GenerationError
 from ldm.generation.model import model_geometry
+from ldm.generation.speed import cpu_description
+from ldm.generation.tasks import TASKS
+from ldm.generation.timing import STATS, TimedRun, run_in_child
 from ldm.loading import load_config
 
 logger = logging.getLogger("benchmark")
 
 ROOT = Path(__file__).resolve().parents[1]
-TXT2IMG = ROOT / "scripts" / "txt2img.py"
 PEER = ROOT / "scripts" / "benchmark_diffusers.py"
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
 RANDOM_WEIGHTS = "random-weights.safetensors"
@@ -48,9 +51,17 @@ NATIVE_CONFIG, NATIVE_WEIGHTS = "native-mha-config.yaml", "native-mha-weights.sa
 RESULTS = ("runs.json", "runs.csv", "summary.md", "runs", NATIVE_CONFIG, NATIVE_WEIGHTS)
 
 
+def default_config(task: str) -> Path:
+    """v2-inference.yaml for txt2img, else the task's family config."""
+    return DEFAULT_CONFIG if task == "txt2img" else ROOT / TASKS[task].family_config
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="original-layout inference config")
+    p.add_argument("--task", choices=sorted(TASKS), default="txt2img",
+                   help="the task timed; image tasks get a synthetic input picture (and mask) (default: %(default)s)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="original-layout inference config (default: v2-inference.yaml, or the task's own family config)")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--ckpt", type=Path, help="original-layout checkpoint (.ckpt or .safetensors)")
     weights.add_argument(
@@ -60,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "used by every configuration; the images are noise",
     )
     p.add_argument("--configs", nargs="+", metavar="NAME", help=f"configurations to run, of {list(bm.BY_NAME)} "
-                   f"(default: {' '.join(bm.DEFAULT_NAMES)})")
+                   f"(default on a GPU: {' '.join(bm.DEFAULT_NAMES)}; on the CPU: {' '.join(bm.CPU_DEFAULT_NAMES)})")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=50, help="PLMS steps")
@@ -88,8 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", type=Path, default=Path("outputs/benchmark"))
     p.add_argument("--force", action="store_true", help="replace the results of an earlier benchmark in --outdir")
     args = p.parse_args(argv)
+    if args.config is None:
+        args.config = default_config(args.task)
     try:
-        args.selected = bm.select(args.configs)
+        args.selected = bm.select(args.configs, args.device)
         bm.plan(args.selected, args.batch_sizes, args.rounds)
     except ValueError as e:
         p.error(str(e))
@@ -181,22 +194,37 @@ def native_mha_files(config_path: Path, ckpt: Path, outdir: Path) -> tuple[Path,
     return outdir / NATIVE_CONFIG, outdir / NATIVE_WEIGHTS
 
 
-def command(args: argparse.Namespace, run: bm.PlannedRun, files: dict[bool, tuple[Path, Path]], rundir: Path) -> list[str]:
-    """The command line of one run: txt2img.py, or the diffusers peer, with the configuration's flags.
+def peer_command(args: argparse.Namespace, run: bm.PlannedRun, files: dict[bool, tuple[Path, Path]], rundir: Path) -> list[str]:
+    """The command line of one peer run (scripts/benchmark_diffusers.py with the configuration's flags).
     ``files`` maps "optimised configuration" to its (config, checkpoint)."""
     config, ckpt = files[run.config.optimised]
-    common = [
-        "--prompt", args.prompt, "--config", str(config), "--ckpt", str(ckpt), "--steps", str(args.steps),
-        "--n_iter", str(args.n_iter), "--n_samples", str(run.batch_size), "--H", str(args.H), "--W", str(args.W),
-        "--seed", str(args.seed), "--device", args.device, "--outdir", str(rundir), "--skip_first",
-        "--time_file", str(rundir / "time.txt"), "--stats_file", str(rundir / "stats.json"),
-    ]  # fmt: skip
     flags = list(run.config.flags)
     if "--compile" in flags and args.compile_mode:
         flags += ["--compile_mode", args.compile_mode]
-    if run.config.runner == "diffusers":
-        return [sys.executable, str(PEER), *common, "--precision", args.peer_precision, *flags]
-    return [sys.executable, str(TXT2IMG), *common, "--precision", args.precision, "--plms", "--no_watermark", *flags]
+    return [
+        sys.executable, str(PEER), "--prompt", args.prompt, "--config", str(config), "--ckpt", str(ckpt),
+        "--steps", str(args.steps), "--n_iter", str(args.n_iter), "--n_samples", str(run.batch_size), "--H", str(args.H),
+        "--W", str(args.W), "--seed", str(args.seed), "--device", args.device, "--outdir", str(rundir), "--skip_first",
+        "--time_file", str(rundir / "time.txt"), "--stats_file", str(rundir / STATS), "--precision", args.peer_precision, *flags,
+    ]  # fmt: skip
+
+
+def sampler_of(task: str) -> str:
+    """PLMS, as the write-up, where the task allows it; else the task's own sampler."""
+    samplers = TASKS[task].samplers
+    return "plms" if "plms" in samplers else samplers[0]
+
+
+def timed_run(args: argparse.Namespace, run: bm.PlannedRun, files: dict[bool, tuple[Path, Path]], rundir: Path) -> TimedRun:
+    """One run of ours: the benchmark's common model settings with the configuration's overrides."""
+    config, ckpt = files[run.config.optimised]
+    model = {"config": str(config), "ckpt": str(ckpt), "device": args.device, "precision": args.precision}
+    model.update(run.config.settings)
+    if model.get("compile") and args.compile_mode and "compile_mode" not in run.config.settings:
+        model["compile_mode"] = args.compile_mode
+    sampling = {"sampler": sampler_of(args.task), "steps": args.steps, "seed": args.seed}
+    return TimedRun(model=model, outdir=str(rundir), task=args.task, prompt=args.prompt, n_samples=run.batch_size,
+                    n_iter=args.n_iter, height=args.H, width=args.W, sampling=sampling, cpu_threads=args.cpu_threads)
 
 
 def execute(cmd: list[str], rundir: Path, timeout: float | None, env: dict[str, str]) -> tuple[int | None, float, str]:
@@ -232,14 +260,18 @@ def run_one(args: argparse.Namespace, run: bm.PlannedRun, files: dict[bool, tupl
     """One process, its outputs in ``runs/bs<N>/<configuration>/round<R>/``, turned into a record."""
     rundir = args.outdir / "runs" / f"bs{run.batch_size}" / run.config.name / f"round{run.round:02}"
     rundir.mkdir(parents=True)
-    returncode, wall, output = execute(command(args, run, files, rundir), rundir, args.timeout, run_env(args))
-    common = {"wall_seconds": round(wall, 3), "device": args.device, "torch": torch.__version__, "commit": commit}
-    time_file, stats_file = rundir / "time.txt", rundir / "stats.json"
-    if returncode != 0 or not time_file.is_file():
-        status, detail = bm.classify_failure(returncode, output) if returncode != 0 else ("failed", "no time file written")
+    if run.config.runner == "ldm":
+        returncode, wall, output = run_in_child(timed_run(args, run, files, rundir), rundir / "log.txt", args.timeout)
+    else:
+        returncode, wall, output = execute(peer_command(args, run, files, rundir), rundir, args.timeout, run_env(args))
+    common = {"wall_seconds": round(wall, 3), "device": args.device, "torch": torch.__version__, "commit": commit,
+              "load_average": round(os.getloadavg()[0], 2)}
+    stats_file = rundir / STATS
+    if returncode != 0 or not stats_file.is_file():
+        status, detail = bm.classify_failure(returncode, output) if returncode != 0 else ("failed", f"no {STATS} written")
         return bm.make_record(run, status, detail=detail, **common)
-    seconds = float(time_file.read_text().split()[0])
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    stats = json.loads(stats_file.read_text())
+    seconds = float(stats["seconds"])
     images = stats.get("images") or args.n_iter * run.batch_size
     return bm.make_record(
         run,
@@ -248,6 +280,7 @@ def run_one(args: argparse.Namespace, run: bm.PlannedRun, files: dict[bool, tupl
         seconds_per_image=seconds / images,
         images=images,
         peak_gpu_memory_bytes=stats.get("peak_gpu_memory_bytes"),
+        warmup_seconds=stats.get("warmup_seconds"),
         **{**common, "device": stats.get("device") or args.device, "torch": stats.get("torch") or torch.__version__},
     )
 
@@ -257,16 +290,19 @@ def describe(args: argparse.Namespace, records: list[dict[str, Any]], commit: st
     devices = Counter(r["device"] for r in records if r["status"] == "ok") or Counter([args.device])
     torches = Counter(r["torch"] for r in records if r["status"] == "ok") or Counter([torch.__version__])
     return {
-        "title": f"{args.config.name}, {args.H}x{args.W}, {args.steps} PLMS steps",
+        "title": f"{args.task}, {args.config.name}, {args.H}x{args.W}, {args.steps} {sampler_of(args.task).upper()} steps",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": devices.most_common(1)[0][0],
         "torch": torches.most_common(1)[0][0],
         "commit": commit,
+        "cpu": cpu_description() if args.device == "cpu" else None,
+        "load_average": load_range(records),
         "config": str(args.config),
         "weights": f"random (seed {RANDOM_SEED})" if args.random_weights else str(args.ckpt),
         "size": f"{args.H}x{args.W}",
         "steps": args.steps,
-        "sampler": "PLMS (diffusers: PNDM in PLMS mode)",
+        "task": args.task,
+        "sampler": "PLMS (diffusers: PNDM in PLMS mode)" if args.task == "txt2img" else sampler_of(args.task).upper(),
         "precision": f"{args.precision} (diffusers: {args.peer_precision})",
         "layout": "native-MHA for the optimised configurations" if args.native_mha else "original (attention kernel chosen per configuration)",
         "cpu_threads": args.cpu_threads,
@@ -280,11 +316,16 @@ def describe(args: argparse.Namespace, records: list[dict[str, Any]], commit: st
     }
 
 
+def load_range(records: list[dict[str, Any]]) -> str:
+    """The 1-minute load averages seen at the end of the runs, lowest to highest (a busy machine's
+    figures are only indicative)."""
+    loads = [r["load_average"] for r in records if r.get("load_average") is not None] or [round(os.getloadavg()[0], 2)]
+    return f"{min(loads):.2f}-{max(loads):.2f} (1-minute, at the end of each run; {os.cpu_count()} CPUs)"
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if not TXT2IMG.is_file():
-        raise SystemExit(f"{TXT2IMG} not found: the benchmark runs it")
     prepare_outdir(args.outdir, args.force)
     if args.random_weights:
         print(f"Note: {NOISE_NOTE}.")
@@ -302,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, run in enumerate(runs, 1):
         key = (run.config.name, run.batch_size)
         reason = bm.skip_reason(run.config, available) or gave_up.get(key)
+        if run.config.runner != "ldm" and args.task != "txt2img":
+            reason = "the peers run txt2img only"
         if reason:
             record = bm.make_record(run, "skipped", detail=reason, device=args.device, torch=torch.__version__, commit=commit)
         else:

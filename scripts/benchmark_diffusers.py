@@ -7,6 +7,12 @@ and VAE through diffusers' own single-file conversion functions, the OpenCLIP te
 from open_clip's vocabulary, and a PNDM scheduler in its PLMS mode (the PLMS sampler's timesteps
 and model evaluations). Nothing is downloaded. One warm-up call, then ``--n_iter`` timed calls of
 ``--n_samples`` images each.
+
+``--compile`` compiles the UNet as ``txt2img.py --compile`` does (on the CPU: inductor with frozen
+weights, the same options and cache). ``--openvino`` runs the same UNet through OpenVINO instead
+(``openvino.convert_model`` for this batch size and image size, compiled for the CPU at the run's
+precision: bf16 where the default precision is bf16, else f32); text encoder and VAE stay PyTorch's.
+The default precision (``autocast``) follows ``txt2img.py``'s: float32 on a CPU without native bf16.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
+import numpy as np
+
 from ldm.devices import device_name, synchronize
-from ldm.fileio import write_text
 from ldm.checkpoint import load_state_dict
+from ldm.fileio import write_text
+from ldm.generation.speed import compile_module, resolve_precision
 from ldm.loading import load_config
 from ldm.modules.encoders.modules import open_clip_model_config
 
@@ -61,7 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stats_file", help="write the run's statistics (JSON) here")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--compile_mode", default=None)
+    p.add_argument("--openvino", action="store_true", help="run the UNet through OpenVINO (CPU only)")
     args = p.parse_args(argv)
+    if args.compile and args.openvino:
+        p.error("--compile and --openvino exclude each other")
     for name in ("steps", "n_iter", "n_samples"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -201,6 +213,52 @@ def build_pipeline(config: Any, ckpt: str | os.PathLike, tokenizer_folder: str |
     return pipe
 
 
+class OpenVINOUNet(torch.nn.Module):
+    """Stands in for the pipeline's UNet: the same call, computed by an OpenVINO compiled model."""
+
+    def __init__(self, unet: torch.nn.Module, compiled: Any):
+        super().__init__()
+        self.config = unet.config
+        self.compiled = compiled
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any,
+                return_dict: bool = False, **kwargs: Any) -> tuple[torch.Tensor]:
+        inputs = (sample.float().numpy(), np.asarray(timestep, dtype=np.int64), encoder_hidden_states.float().numpy())
+        return (torch.from_numpy(self.compiled(inputs)[0]),)
+
+
+def openvino_unet(unet: torch.nn.Module, batch: int, height: int, width: int, context: tuple[int, int], bf16: bool) -> OpenVINOUNet:
+    """``unet`` converted by ``openvino.convert_model`` for ``batch`` latents (static shapes) and compiled
+    for the CPU with bf16 or f32 inference precision."""
+    import openvino as ov
+
+    class Plain(torch.nn.Module):
+        def __init__(self, unet: torch.nn.Module):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    channels = unet.config.in_channels
+    example = (torch.randn(batch, channels, height, width), torch.tensor(999, dtype=torch.long), torch.randn(batch, *context))
+    start = time.perf_counter()
+    with torch.no_grad():
+        model = ov.convert_model(Plain(unet).eval(), example_input=example)
+    precision = "bf16" if bf16 else "f32"
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+    logger.info("OpenVINO %s: UNet converted and compiled (%s) in %.1f s", ov.__version__, precision, time.perf_counter() - start)
+    return OpenVINOUNet(unet, compiled)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -209,15 +267,23 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.precision == "half" and device.type != "cuda":
         raise SystemExit("--precision half needs a CUDA device")
+    if args.openvino and device.type != "cpu":
+        raise SystemExit("--openvino runs on the CPU only")
+    precision = args.precision if args.precision == "half" else resolve_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         pipe = build_pipeline(args.config, args.ckpt, tokenizer_folder)
-    pipe.to(device=device, dtype=torch.float16 if args.precision == "half" else torch.float32)
+    pipe.to(device=device, dtype=torch.float16 if precision == "half" else torch.float32)
     if args.compile:
-        pipe.unet.compile(mode=args.compile_mode or "default")
+        compile_module(pipe.unet, device, args.compile_mode)
+    if args.openvino:
+        latent = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        batch = 2 * args.n_samples if args.scale > 1.0 else args.n_samples  # classifier-free guidance doubles it
+        context = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+        pipe.unet = openvino_unet(pipe.unet, batch, args.H // latent, args.W // latent, context, precision == "autocast")
 
     def generate(generator: torch.Generator) -> torch.Tensor:
         """Text encoding, sampling and decoding to [0, 1] images on the CPU: what txt2img.py times."""
-        with torch.inference_mode(), torch.autocast(device.type, enabled=args.precision == "autocast"):
+        with torch.inference_mode(), torch.autocast(device.type, enabled=precision == "autocast"):
             out = pipe(
                 args.prompt,
                 height=args.H,
@@ -230,9 +296,12 @@ def main(argv: list[str] | None = None) -> None:
             ).images
         return out.float().cpu()
 
+    warmup_seconds = None
     if args.skip_first:
+        start = time.perf_counter()
         generate(torch.Generator(device).manual_seed(args.seed))
-        logger.info("warm-up done")
+        warmup_seconds = time.perf_counter() - start
+        logger.info("warm-up done in %.3f s", warmup_seconds)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     samples = Path(args.outdir) / "samples"
@@ -255,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 
     stats = {
         "seconds": seconds,
+        "warmup_seconds": warmup_seconds,
         "seconds_per_image": seconds / images,
         "images": images,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -268,8 +338,10 @@ def main(argv: list[str] | None = None) -> None:
         "n_samples": args.n_samples,
         "n_iter": args.n_iter,
         "precision": args.precision,
-        "attention": "sdpa",
+        "computes_in": precision,
+        "attention": "openvino" if args.openvino else "sdpa",
         "compile": (args.compile_mode or "default") if args.compile else False,
+        "openvino": __import__("openvino").__version__ if args.openvino else None,
     }
     if args.time_file:
         write_text(args.time_file, f"{seconds:.6f}\n", overwrite=True)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ldm.generation.speed import inductor_options, use_compile_cache
 from ldm.loading import build_model, load_config
 from ldm.modules.attention import IMPLEMENTATIONS, sdpa_backends, set_attention_implementation
 from ldm.native_mha import to_native
@@ -124,8 +125,10 @@ def plan(args: argparse.Namespace, unet: nn.Module, twin: nn.Module | None) -> d
             runs[name] = original(name)
         elif name == "native":
             runs[name] = native(twin)
-        elif name == "native-compiled":
-            runs[name] = native(torch.compile(twin, mode=args.compile_mode, fullgraph=True))
+        elif name == "native-compiled":  # as --compile: on the CPU with frozen weights
+            options = inductor_options(args.device, args.compile_mode)
+            how = {"mode": args.compile_mode} if options is None else {"options": options}
+            runs[name] = native(torch.compile(twin, fullgraph=True, **how))
         else:
             raise SystemExit(f"unknown implementation {name!r}")
     if args.sdpa_backends:
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    use_compile_cache()
     wanted = args.implementations or [*IMPLEMENTATIONS, "native", "native-compiled"]
     if "xformers" in wanted and args.implementations is None:
         from ldm.modules import attention

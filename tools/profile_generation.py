@@ -192,7 +192,7 @@ def settings(pipeline: Pipeline) -> dict[str, Any]:
         "task": pipeline.task, "device": device_name(m.device), "torch": torch.__version__, "config": str(m.files.config),
         "checkpoint": str(m.files.ckpt) if m.files.ckpt else "random weights", "sampler": s.sampler,
         "steps": s.steps, "H": pipeline.height, "W": pipeline.width, "n_samples": pipeline.n_samples, "scale": s.scale,
-        "precision": m.settings.precision, "attention": m.settings.attention, "compile": m.settings.compile,
+        "precision": m.settings.precision, "computes_in": m.computes_in, "attention": m.settings.attention, "compile": m.settings.compile,
         "sdpa_disabled": [n for n in ("flash", "mem_efficient", "math") if getattr(m.settings, f"disable_{n}")],
     }
 

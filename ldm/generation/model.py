@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from ldm.checkpoint import CheckpointError
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
+from ldm.generation.speed import compile_module, hold_weights, resolve_precision, use_compile_cache
 from ldm.loading import build_model, load_config, load_model_from_config
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
 
@@ -165,6 +166,9 @@ class Model:
         self.files = resolve_model_files(settings)
         self.config = read_config(self.files.config)
         self.geometry = model_geometry(self.config, self.files.config)
+        self.computes_in = resolve_precision(settings.precision, self.device)
+        """The precision really used: ``settings.precision``, but "full" for the default on a CPU
+        without native bfloat16 (see :mod:`ldm.generation.speed`)."""
         self._net: torch.nn.Module | None = None
 
     @property
@@ -189,12 +193,17 @@ class Model:
             return self._net
         settings = self.settings
         if settings.compile:
+            use_compile_cache()  # before anything compiles: the probe would fix PyTorch's default folder
             check_compile(self.device)
         net = self._read_weights()
         if set_attention_implementation(net, settings.attention) == 0 and settings.attention != "sdpa":
             logger.warning("--attention %s has no effect: this model's attention is nn.MultiheadAttention (native-MHA layout)", settings.attention)
+        if self.device.type == "cpu" and self.computes_in != "full":
+            # Autocast computes them in bf16 anyway: no cast per call. Only the UNet's: it computes in its
+            # weights' dtype even outside autocast, where the text encoder and VAE would fail.
+            hold_weights(net.model.diffusion_model, torch.bfloat16)
         if settings.compile:
-            net.model.diffusion_model.compile(mode=settings.compile_mode or "default")
+            compile_module(net.model.diffusion_model, self.device, settings.compile_mode)
         self._net = net
         return net
 
@@ -215,10 +224,11 @@ class Model:
             raise GenerationError(f"cannot load the model of {files.config} from {files.ckpt}: {type(e).__name__}: {e}") from None
 
     def precision(self) -> contextlib.AbstractContextManager:
-        """Autocast as the original (fp16 on CUDA, bf16 on the CPU; bf16 everywhere for "bf16"), or nothing."""
-        if self.settings.precision == "full":
+        """Autocast as the original (fp16 on CUDA, bf16 on the CPU; bf16 everywhere for "bf16"), or
+        nothing for "full" (and for the default on a CPU without native bf16: :attr:`computes_in`)."""
+        if self.computes_in == "full":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.settings.precision == "bf16" else None)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.computes_in == "bf16" else None)
 
     def backends(self) -> contextlib.AbstractContextManager:
         s = self.settings

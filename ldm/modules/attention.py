@@ -129,10 +129,13 @@ class NativeMHAttention(nn.MultiheadAttention):
     """The same attention as :class:`CrossAttention` through ``nn.MultiheadAttention``.
 
     Batch-first, with ``need_weights=False`` so that PyTorch runs ``scaled_dot_product_attention``
-    rather than materialising the attention weights. For self-attention on CUDA that is
-    ``nn.MultiheadAttention``'s fused fast path (packed projection, then SDPA); on other devices
-    that fast path computes the full score matrix, so there the query is passed as a separate
-    view to take the general path, which also ends in SDPA.
+    rather than materialising the attention weights. On CUDA, self-attention takes
+    ``nn.MultiheadAttention``'s fused fast path (packed projection, then SDPA). On other devices
+    that fast path computes the full score matrix, and the module's general path transposes the
+    batch-first input into a strided sequence-first view, which the projections then multiply as
+    a batched matmul against a copy of the weight expanded over every token (under CPU autocast
+    that made the UNet about 7x slower). So off CUDA the general path's function is called
+    directly on contiguous sequence-first tensors: one GEMM per projection, the same arithmetic.
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
@@ -143,11 +146,23 @@ class NativeMHAttention(nn.MultiheadAttention):
         super().__init__(query_dim, heads, bias=True, kdim=context_dim, vdim=context_dim, batch_first=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None:
-            context = x
-            if not x.is_cuda:
-                x = x.view_as(x)  # query is not key: the SDPA path, not the CPU fast path
-        return super().forward(x, context, context, need_weights=False)[0]
+        if x.is_cuda:
+            context = x if context is None else context
+            return super().forward(x, context, context, need_weights=False)[0]
+        return self._sequence_first(x, context)
+
+    def _sequence_first(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """``nn.MultiheadAttention``'s general path on contiguous (tokens, batch, channels) tensors."""
+        query = x.transpose(0, 1).contiguous()
+        key = query if context is None else context.transpose(0, 1).contiguous()
+        separate = not self._qkv_same_embed_dim
+        out = F.multi_head_attention_forward(
+            query, key, key, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, need_weights=False, use_separate_proj_weight=separate,
+            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+        )[0]
+        return out.transpose(0, 1)
 
 
 class GEGLU(nn.Module):

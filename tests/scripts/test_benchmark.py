@@ -18,6 +18,8 @@ import torch
 from conftest import ROOT, load_script
 from ldm import benchmarking as bm
 from ldm.checkpoint import load_state_dict
+from ldm.generation import timing
+from ldm.generation.settings import ModelSettings
 from ldm.loading import load_model_from_config
 
 SCRIPT = ROOT / "scripts" / "benchmark.py"
@@ -54,14 +56,30 @@ def test_select_and_validation():
         bm.plan(bm.select(None), [0], 1)
 
 
-def test_write_up_configurations_have_the_write_ups_flags():
-    flags = {c.name: set(c.flags) for c in bm.CONFIGURATIONS}
-    assert flags["original"] == {"--attention", "vanilla"}
-    assert flags["xformers"] == {"--attention", "xformers"}
-    assert flags["math"] >= {"--disable_flash", "--disable_mem_efficient"} and "--compile" not in flags["math"]
-    assert flags["mem_efficient"] >= {"--disable_flash", "--disable_math"} and "--compile" not in flags["mem_efficient"]
-    assert flags["mem_efficient_compile"] == flags["mem_efficient"] | {"--compile"}
-    assert flags["flash"] >= {"--disable_mem_efficient", "--disable_math"}
+def test_write_up_configurations_have_the_write_ups_settings():
+    settings = {c.name: dict(c.settings) for c in bm.CONFIGURATIONS if c.runner == "ldm"}
+    assert settings["original"] == {"attention": "vanilla"}
+    assert settings["xformers"] == {"attention": "xformers"}
+    assert settings["math"] == {"attention": "sdpa", "disable_flash": True, "disable_mem_efficient": True}
+    assert settings["mem_efficient"] == {"attention": "sdpa", "disable_flash": True, "disable_math": True}
+    assert settings["mem_efficient_compile"] == {**settings["mem_efficient"], "compile": True}
+    assert settings["flash"] == {"attention": "sdpa", "disable_mem_efficient": True, "disable_math": True}
+    for name, fields in settings.items():  # every override is a ModelSettings field
+        ModelSettings(**fields)
+
+
+def test_cpu_configurations_and_default_sets():
+    settings = {c.name: dict(c.settings) for c in bm.CONFIGURATIONS}
+    assert settings["cpu_full"] == {"precision": "full"}
+    assert settings["cpu_default"] == {}  # txt2img.py's defaults: the default precision
+    assert settings["cpu_compile_full"] == {"precision": "full", "compile": True}
+    assert settings["cpu_compile"] == {"compile": True}  # the headline command
+    assert bm.BY_NAME["openvino"].flags == ("--openvino",) and "openvino" in bm.BY_NAME["openvino"].requires
+    assert bm.BY_NAME["diffusers_sdpa_compile"].flags == ("--compile",)
+    cpu = [c.name for c in bm.select(None, "cpu")]
+    assert cpu == ["original", "cpu_full", "cpu_default", "cpu_compile_full", "cpu_compile", "diffusers_sdpa_compile", "openvino"]
+    assert [c.name for c in bm.select(None, "cuda")] == list(bm.DEFAULT_NAMES)
+    assert not set(bm.DEFAULT_NAMES) & {"cpu_full", "cpu_default", "cpu_compile_full", "cpu_compile", "openvino"}
 
 
 def test_skip_reason_names_the_missing_module():
@@ -141,22 +159,66 @@ def test_plot_writes_one_png(tmp_path):
 
 
 # -- the script's pieces -----------------------------------------------------------------------
-def test_commands(tiny_files, tmp_path):
+def test_runs_of_ours_are_settings_and_the_peers_command_lines(tiny_files, tmp_path):
     args = benchmark.parse_args(["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["ckpt"]), "--H", "64", "--W", "64",
-                                 "--device", "cpu", "--compile-mode", "max-autotune", "--outdir", str(tmp_path)])
+                                 "--device", "cpu", "--compile-mode", "max-autotune", "--cpu-threads", "1", "--outdir", str(tmp_path)])
     files = {False: (Path("orig.yaml"), Path("orig.ckpt")), True: (Path("native.yaml"), Path("native.ckpt"))}
-    cmd = benchmark.command(args, bm.PlannedRun(4, 1, bm.BY_NAME["mem_efficient_compile"]), files, tmp_path)
-    assert cmd[1] == str(benchmark.TXT2IMG)
-    text = " ".join(cmd)
-    for part in ("--config native.yaml", "--ckpt native.ckpt", "--n_samples 4", "--n_iter 2", "--steps 50", "--plms", "--seed 1",
-                 "--skip_first", "--precision autocast", "--disable_flash --disable_math --compile --compile_mode max-autotune",
-                 f"--time_file {tmp_path / 'time.txt'}", f"--stats_file {tmp_path / 'stats.json'}", "--prompt A photo"):
-        assert part in text, part
-    cmd = benchmark.command(args, bm.PlannedRun(1, 1, bm.BY_NAME["original"]), files, tmp_path)
-    assert "--config orig.yaml" in " ".join(cmd) and "--compile" not in cmd
-    cmd = benchmark.command(args, bm.PlannedRun(1, 1, bm.BY_NAME["diffusers_sdpa_compile"]), files, tmp_path)
+    run = benchmark.timed_run(args, bm.PlannedRun(4, 1, bm.BY_NAME["mem_efficient_compile"]), files, tmp_path)
+    assert run.model == {"config": "native.yaml", "ckpt": "native.ckpt", "device": "cpu", "precision": "autocast", "attention": "sdpa",
+                         "disable_flash": True, "disable_math": True, "compile": True, "compile_mode": "max-autotune"}
+    assert (run.task, run.n_samples, run.n_iter, run.height, run.width, run.prompt, run.cpu_threads) == ("txt2img", 4, 2, 64, 64, "A photo", 1)
+    assert run.sampling == {"sampler": "plms", "steps": 50, "seed": 1} and run.outdir == str(tmp_path)
+    ModelSettings(**run.model)  # typed settings, no command line
+    run = benchmark.timed_run(args, bm.PlannedRun(1, 1, bm.BY_NAME["original"]), files, tmp_path)
+    assert run.model["config"] == "orig.yaml" and run.model["attention"] == "vanilla" and "compile" not in run.model
+    run = benchmark.timed_run(args, bm.PlannedRun(1, 1, bm.BY_NAME["cpu_compile_full"]), files, tmp_path)
+    assert run.model["precision"] == "full" and run.model["compile"] is True
+    cmd = benchmark.peer_command(args, bm.PlannedRun(1, 1, bm.BY_NAME["diffusers_sdpa_compile"]), files, tmp_path)
     assert cmd[1] == str(benchmark.PEER) and "--config orig.yaml" in " ".join(cmd) and "--plms" not in cmd
-    assert "--compile --compile_mode max-autotune" in " ".join(cmd)
+    assert "--compile --compile_mode max-autotune" in " ".join(cmd) and f"--stats_file {tmp_path / 'stats.json'}" in " ".join(cmd)
+    cmd = benchmark.peer_command(args, bm.PlannedRun(1, 1, bm.BY_NAME["openvino"]), files, tmp_path)
+    assert cmd[-1] == "--openvino" and "--compile" not in cmd
+
+
+def test_image_tasks_get_their_family_config_and_sampler(tmp_path):
+    args = benchmark.parse_args(["--task", "img2img", "--random-weights", "--outdir", str(tmp_path), "--device", "cpu"])
+    assert args.config == ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
+    assert benchmark.sampler_of("img2img") == "ddim" and benchmark.sampler_of("txt2img") == "plms"
+    assert benchmark.default_config("inpaint") == ROOT / "configs" / "stable-diffusion" / "v2-inpainting-inference.yaml"
+    assert benchmark.default_config("txt2img") == benchmark.DEFAULT_CONFIG
+
+
+def tiny_run(tiny_files, outdir: Path, **model) -> timing.TimedRun:
+    return timing.TimedRun(model={"config": str(tiny_files["config"]), "ckpt": str(tiny_files["safetensors"]), "device": "cpu", **model},
+                           outdir=str(outdir), n_samples=1, n_iter=1, height=64, width=64, sampling={"sampler": "ddim", "steps": 2, "seed": 1})
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img"])
+def test_timed_run_of_a_task_from_settings(tiny_files, tmp_path, task):
+    """The child's work, in this process: any task, image tasks on a synthetic input picture."""
+    run = tiny_run(tiny_files, tmp_path, precision="full")
+    run.task = task
+    stats = timing.execute(run)
+    assert stats["task"] == task and stats["images"] == 1 and stats["seconds"] > 0 and stats["warmup_seconds"] > 0
+    assert stats["computes_in"] == "full" and stats["model_settings"]["precision"] == "full"
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+    assert (tmp_path / "inputs" / "input.png").is_file() == (task != "txt2img")
+
+
+def test_child_failure_reports_the_error_last(tiny_files, tmp_path):
+    run = tiny_run(tiny_files, tmp_path / "run")
+    run.model["config"] = str(tmp_path / "missing.yaml")
+    returncode, wall, output = timing.run_in_child(run, tmp_path / "log.txt", timeout=300)
+    assert returncode == 1
+    assert bm.classify_failure(returncode, output) == ("failed", f"GenerationError: --config {tmp_path / 'missing.yaml'}: no such file")
+
+
+def test_child_past_the_time_limit_is_killed_with_its_session(tiny_files, tmp_path):
+    run = tiny_run(tiny_files, tmp_path / "run", compile=True)  # compiling takes far longer than the limit
+    start = time.perf_counter()
+    returncode, wall, output = timing.run_in_child(run, tmp_path / "log.txt", timeout=8.0)
+    assert returncode is None and wall < 60 and time.perf_counter() - start < 60
+    assert bm.classify_failure(returncode, output)[0] == "timeout"
 
 
 @pytest.mark.parametrize(
