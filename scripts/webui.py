@@ -100,7 +100,7 @@ class WebUI:
     def header(self) -> str:
         files, s = self.model.files, self.model.settings
         which = f"the demo model (32x32 shapes: try {DEMO_PROMPT!r})" if files.demo else f"`{files.config.name}`, `{files.ckpt.name if files.ckpt else 'random weights'}`"
-        return f"### ldm-sd2\nModel: {which}; {self.model.target} on {s.device}, precision {s.precision}."
+        return f"### ldm-sd2\nModel: {which}; {self.model.target} on {s.device}, precision {self.model.computes_in}."
 
     # -- form parts shared by the tabs ---------------------------------------------------------
     def prompt_row(self, task: str) -> tuple[gr.Textbox, gr.Button]:

@@ -147,10 +147,11 @@ def estimate(model, height: int, width: int, batch: int, guided: bool, slice_siz
     settings, device = model.settings, model.device
     disabled = {n for n in ("flash", "mem_efficient", "math") if getattr(settings, f"disable_{n}")}
     scores = _materialises_scores(settings.attention, device, disabled)
-    element = 4 if settings.precision == "full" else 2
+    precision = model.computes_in  # the default autocast is float32 on CPUs without native bf16
+    element = 4 if precision == "full" else 2
     unet, vae = model.geometry.unet, model.geometry.vae
     weights = tensor_bytes(model.geometry.net)
-    if settings.precision != "full":
+    if precision != "full":
         weights += weights // 2  # autocast caches a half-precision copy of every weight it casts
     f = model.geometry.vae_factor
     tokens = (height // f) * (width // f)
