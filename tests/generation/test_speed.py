@@ -1,6 +1,6 @@
 """ldm/generation/speed.py: the precision chosen on CPUs with and without native bfloat16 (the
 capability query monkeypatched), UNet weights held in bfloat16 (bit-identical under autocast),
-the UNet compiled for frozen inference weights against eager, and inductor's on-disk cache.
+the UNet compiled for frozen inference weights against eager, and inductor's on-disk cache folder.
 
 Tolerances: compiled float32 against eager float32, 1e-4 of the output's scale (as tests/test_compile.py:
 float32 rounding reordered by fusion); bfloat16 (autocast) against float32, 3e-2 of the output's
@@ -110,7 +110,7 @@ def test_held_weights_give_the_same_images(tiny_files, monkeypatch, fresh_log):
 
 def test_inductor_options():
     options = speed.inductor_options("cpu")
-    assert options == {"freezing": True}
+    assert options == {"freezing": True, "fx_graph_cache": False}
     autotune = speed.inductor_options("cpu", "max-autotune")
     assert autotune["freezing"] and autotune["max_autotune"] and not any(k.startswith("triton.") for k in autotune)
     assert speed.inductor_options("cuda", "max-autotune") is None  # the mode as is
@@ -132,8 +132,9 @@ def test_cache_folder(monkeypatch, tmp_path):
     assert inductor_config.fx_graph_cache
 
 
-def test_second_compile_is_served_from_the_disk_cache(monkeypatch, tmp_path):
-    """With freezing on, a fresh compilation of the same module finds its code in the FX graph cache."""
+def test_frozen_graphs_bypass_the_fx_graph_cache_but_fill_the_cache_folder(monkeypatch, tmp_path):
+    """A frozen graph is compiled afresh each time (one served from the FX graph cache ran 3-4x slower
+    on the full UNet); the compiled C++ kernels land in the cache folder for the next run."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
@@ -149,8 +150,8 @@ def test_second_compile_is_served_from_the_disk_cache(monkeypatch, tmp_path):
             compiled = speed.compile_module(copy.deepcopy(net), "cpu")
             assert rel_max(compiled(x), expected) <= 1e-4
             hits.append(counters["inductor"]["fxgraph_cache_hit"])
-    assert hits == [0, 1]
-    assert any((tmp_path / "cache").rglob("*"))
+    assert hits == [0, 0]
+    assert any(p.suffix == ".so" for p in (tmp_path / "cache").rglob("*"))
 
 
 @pytest.fixture(scope="module")
