@@ -323,8 +323,13 @@ def load_range(records: list[dict[str, Any]]) -> str:
     return f"{min(loads):.2f}-{max(loads):.2f} (1-minute, at the end of each run; {os.cpu_count()} CPUs)"
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the running child's session is killed on the way out
     args = parse_args(argv)
     prepare_outdir(args.outdir, args.force)
     if args.random_weights:
