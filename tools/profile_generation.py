@@ -31,7 +31,6 @@ import contextlib
 import functools
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence

@@ -187,12 +187,13 @@ class Pipeline:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (not yet on the CPU), at most ``vae_slice_size`` latents per decoder call."""
-        net = self.net
-        decode = net.decode_first_stage
-        if self.vae_tile_size:
-            def decode(z_slice: torch.Tensor) -> torch.Tensor:
-                tile = self.vae_tile_size
-                return decode_tiled(net.decode_first_stage, z_slice, self.model.geometry.vae_factor, tile, tile // 4)
+        net, tile = self.net, self.vae_tile_size
+
+        def decode(z_slice: torch.Tensor) -> torch.Tensor:
+            if not tile:
+                return net.decode_first_stage(z_slice)
+            return decode_tiled(net.decode_first_stage, z_slice, self.model.geometry.vae_factor, tile, tile // 4)
+
         parts = [decode(z[i : i + self.vae_slice_size]) for i in range(0, z.shape[0], self.vae_slice_size)]
         images = torch.clamp((torch.cat(parts) + 1.0) / 2.0, min=0.0, max=1.0)
         return images if self.crop is None else images[:, :, : self.crop[0], : self.crop[1]]

@@ -8,8 +8,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ldm.generation.errors import GenerationError
 from ldm.generation.images import demo_padding, load_mask, load_padded_image
 from ldm.generation.model import Model
