@@ -110,10 +110,30 @@ def test_held_weights_give_the_same_images(tiny_files, monkeypatch, fresh_log):
 
 def test_inductor_options():
     options = speed.inductor_options("cpu")
-    assert options == {"freezing": True, "fx_graph_cache": False}
+    assert options == {"freezing": True}
     autotune = speed.inductor_options("cpu", "max-autotune")
     assert autotune["freezing"] and autotune["max_autotune"] and not any(k.startswith("triton.") for k in autotune)
     assert speed.inductor_options("cuda", "max-autotune") is None  # the mode as is
+
+
+def test_compiled_weights_are_frozen_and_prepacked():
+    """--compile on the CPU really freezes: oneDNN-prepacked convolution and linear weights (passing
+    ``freezing`` only as a torch.compile option froze nothing) and no change to the global config."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected = net(x)
+        compiled = speed.compile_module(copy.deepcopy(net), "cpu")
+        assert rel_max(compiled(x), expected) <= 1e-4
+    assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] == 1
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] == 1
+    assert not inductor_config.freezing
 
 
 def test_cache_folder(monkeypatch, tmp_path):
@@ -133,8 +153,8 @@ def test_cache_folder(monkeypatch, tmp_path):
 
 
 def test_frozen_graphs_bypass_the_fx_graph_cache_but_fill_the_cache_folder(monkeypatch, tmp_path):
-    """A frozen graph is compiled afresh each time (one served from the FX graph cache ran 3-4x slower
-    on the full UNet); the compiled C++ kernels land in the cache folder for the next run."""
+    """Inductor's FX graph cache cannot hold a frozen graph (its prepacked oneDNN weights do not pickle):
+    it is lowered afresh each time, and the compiled C++ kernels land in the cache folder for the next run."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
