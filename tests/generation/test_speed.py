@@ -152,25 +152,20 @@ def test_cache_folder(monkeypatch, tmp_path):
     assert inductor_config.fx_graph_cache
 
 
-def test_frozen_graphs_bypass_the_fx_graph_cache_but_fill_the_cache_folder(monkeypatch, tmp_path):
-    """Inductor's FX graph cache cannot hold a frozen graph (its prepacked oneDNN weights do not pickle):
-    it is lowered afresh each time, and the compiled C++ kernels land in the cache folder for the next run."""
-    from torch._dynamo.utils import counters
-
+def test_compiled_kernels_land_in_the_cache_folder(monkeypatch, tmp_path):
+    """The C++ kernels of a frozen graph are written to the cache folder, and a second compilation
+    (a new process's, simulated by resetting dynamo) gives the same output. Inductor's FX graph cache
+    does not hold frozen graphs (prepacked oneDNN weights do not pickle), so each process lowers again."""
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 6 * 6, 5)).eval()
     x = torch.randn(2, 3, 6, 6)
-    hits = []
     with torch.no_grad():
         expected = net(x)
         for _ in range(2):
             torch._dynamo.reset()
-            counters.clear()
             compiled = speed.compile_module(copy.deepcopy(net), "cpu")
             assert rel_max(compiled(x), expected) <= 1e-4
-            hits.append(counters["inductor"]["fxgraph_cache_hit"])
-    assert hits == [0, 0]
     assert any(p.suffix == ".so" for p in (tmp_path / "cache").rglob("*"))
 
 
