@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ldm.generation.speed import inductor_options, use_compile_cache
+from ldm.generation.speed import compiled_forward, use_compile_cache
 from ldm.loading import build_model, load_config
 from ldm.modules.attention import IMPLEMENTATIONS, sdpa_backends, set_attention_implementation
 from ldm.native_mha import to_native
@@ -107,7 +107,7 @@ def plan(args: argparse.Namespace, unet: nn.Module, twin: nn.Module | None) -> d
     (choosing the kernel of the shared original-layout UNet) runs before the clock starts."""
     wanted = args.implementations or [*IMPLEMENTATIONS, "native", "native-compiled"]
 
-    def timed(module: nn.Module, backend: str | None) -> Callable[..., torch.Tensor]:
+    def timed(module: Callable[..., torch.Tensor], backend: str | None) -> Callable[..., torch.Tensor]:
         def forward(*inputs):
             with sdpa_backends(**BACKEND_FLAGS.get(backend, {})):
                 return module(*inputs)
@@ -116,7 +116,7 @@ def plan(args: argparse.Namespace, unet: nn.Module, twin: nn.Module | None) -> d
     def original(impl: str, backend: str | None = None) -> Run:
         return (lambda: set_attention_implementation(unet, impl)), timed(unet, backend)
 
-    def native(module: nn.Module, backend: str | None = None) -> Run:
+    def native(module: Callable[..., torch.Tensor], backend: str | None = None) -> Run:
         return (lambda: None), timed(module, backend)
 
     runs: dict[str, Run] = {}
@@ -126,9 +126,7 @@ def plan(args: argparse.Namespace, unet: nn.Module, twin: nn.Module | None) -> d
         elif name == "native":
             runs[name] = native(twin)
         elif name == "native-compiled":  # as --compile: on the CPU with frozen weights
-            options = inductor_options(args.device, args.compile_mode)
-            how = {"mode": args.compile_mode} if options is None else {"options": options}
-            runs[name] = native(torch.compile(twin, fullgraph=True, **how))
+            runs[name] = native(compiled_forward(twin, args.device, args.compile_mode))
         else:
             raise SystemExit(f"unknown implementation {name!r}")
     if args.sdpa_backends:

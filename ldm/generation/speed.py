@@ -28,7 +28,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -128,16 +128,16 @@ def inductor_options(device: torch.device | str, mode: str | None = None) -> dic
     return {**options, "freezing": True}
 
 
-def compile_module(module: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:
-    """Compile ``module``'s forward in place for inference on ``device`` (see :func:`inductor_options`).
+def compiled_forward(module: nn.Module, device: torch.device | str, mode: str | None = None) -> Callable[..., Any]:
+    """``module`` compiled for inference on ``device`` (see :func:`inductor_options`), as a callable;
+    ``module`` itself is left as it is.
 
-    With freezing the weights are baked into the compiled code: the module must run without gradients
-    (as generation does) and its weights must not change afterwards (a change is not seen)."""
+    On the CPU the weights are frozen into the compiled code: call it without gradients (as generation
+    does), and do not change the weights afterwards (a change is not seen)."""
     use_compile_cache()
     options = inductor_options(device, mode)
     if options is None:
-        module.compile(mode=mode or "default")
-        return module
+        return torch.compile(module, mode=mode or "default")
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(module.forward, options=options)
@@ -150,5 +150,14 @@ def compile_module(module: nn.Module, device: torch.device | str, mode: str | No
         with inductor_config.patch(freezing=True):
             return compiled(*args, **kwargs)
 
-    module.forward = frozen_forward
+    return frozen_forward
+
+
+def compile_module(module: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:
+    """Compile ``module``'s forward in place for inference on ``device`` (see :func:`compiled_forward`)."""
+    if torch.device(device).type != "cpu":
+        use_compile_cache()
+        module.compile(mode=mode or "default")
+    else:
+        module.forward = compiled_forward(module, device, mode)
     return module
