@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -279,7 +280,9 @@ def test_a_killed_rank_stops_the_others_in_bounded_time_and_the_job_resumes(tiny
     killed = time.monotonic()
     status, output = finished(proc, timeout=FAILURE_BOUND_S)
     assert time.monotonic() - killed < FAILURE_BOUND_S
-    assert status != 0 and "[rank 0/2] txt2img.py: terminated by SIGTERM (images written so far are complete" in output, output
+    # Rank 0 stops either way, whichever comes first: torchrun's SIGTERM, or gloo seeing its peer gone.
+    stopped = r"\[rank 0/2\] txt2img\.py: (terminated by SIGTERM \(images written so far are complete|error: [^\n]*: a process stopped without reporting)"
+    assert status != 0 and re.search(stopped, output), output
     written = samples(out)
     assert 4 <= len(written) < 60
     assert_valid_pngs(written)
