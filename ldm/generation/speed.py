@@ -13,7 +13,7 @@ with inductor's on-disk caches reused from one run to the next.
   memory and removes the casts: :func:`hold_weights`.
 * Compilation on the CPU: inductor with ``freezing`` (weights become constants: casts folded, oneDNN
   weight prepacking for linear and convolution). Freezing has to be on while dynamo traces, not only
-  in inductor's options (:func:`compile_module`). Inductor's on-disk caches live in a stable per-user
+  in inductor's options (:func:`compiled_forward`). Inductor's on-disk caches live in a stable per-user
   folder (:func:`use_compile_cache`). Its FX graph cache cannot serve a frozen graph (prepacked oneDNN
   weights cannot be pickled, so inductor bypasses it), so a second run lowers the graph again but
   reuses the compiled C++ kernels: full UNet, measured, cold 116 s, warm 57 s.
