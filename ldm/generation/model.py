@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from ldm.checkpoint import CheckpointError
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
-from ldm.generation.speed import compile_module, hold_weights, resolve_precision, use_compile_cache
+from ldm.generation.speed import compile_model, hold_weights, resolve_precision, use_compile_cache
 from ldm.loading import build_model, load_config, load_model_from_config
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
 
@@ -188,7 +188,7 @@ class Model:
         return self._net
 
     def load(self) -> torch.nn.Module:
-        """Load the weights (or random ones), choose the attention kernel, compile the UNet."""
+        """Load the weights (or random ones), choose the attention kernel, compile (see :func:`compile_model`)."""
         if self._net is not None:
             return self._net
         settings = self.settings
@@ -203,7 +203,7 @@ class Model:
             # weights' dtype even outside autocast, where the text encoder and VAE would fail.
             hold_weights(net.model.diffusion_model, torch.bfloat16)
         if settings.compile:
-            compile_module(net.model.diffusion_model, self.device, settings.compile_mode)
+            compile_model(net, self.device, settings.compile_mode)
         self._net = net
         return net
 

@@ -1,10 +1,11 @@
-"""ldm/generation/run.py and pipeline.py: VAE slicing and seeding (whole runs are tested in tests/scripts/)."""
+"""ldm/generation/run.py and pipeline.py: VAE slicing, the conditioning of repeated prompts and seeding (whole runs are tested in tests/scripts/)."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from ldm.generation import run
@@ -22,6 +23,28 @@ def test_vae_slices_decode_as_one_batch(tiny_files):
     assert whole.shape == (3, 3, 64, 64) and whole.min() >= 0 and whole.max() <= 1
     # Convolutions may pick other algorithms per batch size: equal to float rounding.
     torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [9.0, 1.0], ids=["guided", "unguided"])
+def test_each_distinct_prompt_is_encoded_once(tiny_files, monkeypatch, scale):
+    """The conditioning of a batch with repeated prompts: the text encoder sees each distinct prompt
+    once and the empty one once; the rows equal the original's one-per-copy encoding to 1e-5 of their
+    scale (float32; another batch size may round the encoder's matmuls differently)."""
+    model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu"))
+    net = model.load()
+    encode = net.get_learned_conditioning
+    seen = []
+    monkeypatch.setattr(net, "get_learned_conditioning", lambda texts: seen.append(list(texts)) or encode(texts))
+    prompts = ["a red circle", "a blue square", "a red circle", "a red circle"]
+    with torch.no_grad():
+        c, uc = Txt2ImgPipeline(model, SamplingSettings(scale=scale)).conditioning(prompts)
+        expected_c, expected_uc = encode(prompts), encode(len(prompts) * [""])
+    assert seen == [["a red circle", "a blue square"], [""]][: 2 if scale != 1.0 else 1]
+    torch.testing.assert_close(c, expected_c, rtol=0, atol=1e-5 * expected_c.abs().max().item())
+    if scale == 1.0:
+        assert uc is None
+    else:
+        torch.testing.assert_close(uc, expected_uc, rtol=0, atol=1e-5 * expected_uc.abs().max().item())
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():

@@ -196,3 +196,26 @@ def test_compiled_bf16_against_eager(compiled_pair):
     assert compiled.dtype == torch.float32 and torch.isfinite(compiled).all()
     assert rel_max(compiled, reference) <= 3e-2
     assert rel_max(compiled, eager) <= 3e-2
+
+
+def test_compile_covers_the_unet_and_on_the_cpu_the_vae_decoder(tiny_files):
+    """--compile on the CPU: the UNet and the VAE decoder compiled (frozen), the images those of eager
+    float32 to 1e-4 (fusion reorders float32 roundings; the images are in [0, 1])."""
+    from ldm.generation.run import seed_everything
+    from ldm.generation.settings import SamplingSettings
+    from ldm.generation.tasks import Txt2ImgPipeline
+
+    torch._dynamo.reset()
+    images = []
+    for compile in (False, True):
+        model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu",
+                                    precision="full", compile=compile))
+        pipeline = Txt2ImgPipeline(model, SamplingSettings(sampler="plms", steps=4), n_samples=1, height=64, width=64)
+        with torch.no_grad():
+            seed_everything(1)
+            pipeline.start()
+            images.append(pipeline(["a red circle"]))
+        net = model.net
+        compiled = ["forward" in vars(m) for m in (net.model.diffusion_model, net.first_stage_model.decoder)]  # replaced in place
+        assert compiled == [compile, compile]
+    assert (images[1] - images[0]).abs().max() <= 1e-4
