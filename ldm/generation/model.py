@@ -170,6 +170,7 @@ class Model:
         """The precision really used: ``settings.precision``, but "full" for the default on a CPU
         without native bfloat16 (see :mod:`ldm.generation.speed`)."""
         self._net: torch.nn.Module | None = None
+        self._empty_prompt: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
 
     @property
     def target(self) -> str:
@@ -206,6 +207,15 @@ class Model:
             compile_model(net, self.device, settings.compile_mode)
         self._net = net
         return net
+
+    def empty_prompt_conditioning(self) -> torch.Tensor:
+        """The text encoder's output for the empty prompt (guidance's unconditional input): the same
+        for every batch, so encoded once per model and autocast state, not once per batch."""
+        device = self.device.type
+        key = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if key not in self._empty_prompt:
+            self._empty_prompt[key] = self.load().get_learned_conditioning([""])
+        return self._empty_prompt[key]
 
     def _read_weights(self) -> torch.nn.Module:
         files, config, device = self.files, self.config, self.device

@@ -101,17 +101,17 @@ class Pipeline:
     def conditioning(self, prompts: list[str]) -> tuple[Any, Any]:
         """The UNet's conditioning and its unconditional twin (None without guidance).
 
-        Each distinct prompt is encoded once, and the empty prompt of guidance once: n copies of a
-        prompt cost the text encoder 2 sequences, not 2n as in the original scripts. The rows are the
-        same up to float rounding (the encoder treats each sequence on its own), and bit for bit for a
-        batch of one prompt (the original's two calls)."""
-        net = self.net
+        Each distinct prompt is encoded once, and the empty prompt of guidance once per model
+        (:meth:`Model.empty_prompt_conditioning`): n copies of a prompt cost the text encoder one
+        sequence, not 2n as in the original scripts. The rows are the same up to float rounding (the
+        encoder treats each sequence on its own), and bit for bit for a batch of one prompt (the
+        original's two calls)."""
         distinct = list(dict.fromkeys(prompts))
         row = {prompt: i for i, prompt in enumerate(distinct)}
-        c = net.get_learned_conditioning(distinct)[[row[p] for p in prompts]]
+        c = self.net.get_learned_conditioning(distinct)[[row[p] for p in prompts]]
         if self.sampling.scale == 1.0:
             return c, None
-        return c, net.get_learned_conditioning([""]).repeat(len(prompts), *(1,) * (c.ndim - 1))
+        return c, self.model.empty_prompt_conditioning().repeat(len(prompts), *(1,) * (c.ndim - 1))
 
     def start(self) -> None:
         """Draw the run's fixed random inputs; the caller seeds right before."""

@@ -28,8 +28,9 @@ def test_vae_slices_decode_as_one_batch(tiny_files):
 @pytest.mark.parametrize("scale", [9.0, 1.0], ids=["guided", "unguided"])
 def test_each_distinct_prompt_is_encoded_once(tiny_files, monkeypatch, scale):
     """The conditioning of a batch with repeated prompts: the text encoder sees each distinct prompt
-    once and the empty one once; the rows equal the original's one-per-copy encoding to 1e-5 of their
-    scale (float32; another batch size may round the encoder's matmuls differently)."""
+    once and the empty one once per model and autocast state; the rows equal the original's
+    one-per-copy encoding to 1e-5 of their scale (float32; another batch size may round the encoder's
+    matmuls differently)."""
     model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu"))
     net = model.load()
     encode = net.get_learned_conditioning
@@ -43,8 +44,15 @@ def test_each_distinct_prompt_is_encoded_once(tiny_files, monkeypatch, scale):
     torch.testing.assert_close(c, expected_c, rtol=0, atol=1e-5 * expected_c.abs().max().item())
     if scale == 1.0:
         assert uc is None
-    else:
-        torch.testing.assert_close(uc, expected_uc, rtol=0, atol=1e-5 * expected_uc.abs().max().item())
+        return
+    torch.testing.assert_close(uc, expected_uc, rtol=0, atol=1e-5 * expected_uc.abs().max().item())
+    seen.clear()
+    with torch.no_grad():
+        _, again = Txt2ImgPipeline(model, SamplingSettings(scale=scale), n_samples=2).conditioning(["a red circle"] * 2)
+        assert seen == [["a red circle"]] and torch.equal(again, uc[:2])  # the empty prompt's encoding is kept
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            Txt2ImgPipeline(model, SamplingSettings(scale=scale)).conditioning(["a red circle"])
+    assert seen == [["a red circle"], ["a red circle"], [""]]  # another precision: encoded again
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():
