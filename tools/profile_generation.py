@@ -3,8 +3,9 @@
 and host overhead, from a torch.profiler trace of one generation after a warm-up.
 
 The model, sampler, attention kernel, SDPA backends and compilation are set up by the same code
-as scripts/txt2img.py (ldm.generation), and the generation is its batch: the prompt and the empty
-prompt encoded, the latents sampled under classifier-free guidance, then decoded.
+as scripts/txt2img.py (ldm.generation), and the generation is its batch: the prompt encoded (the
+empty prompt's encoding is kept from the warm-up, as in a run's later batches), the latents sampled
+under classifier-free guidance, then decoded.
 
     python tools/profile_generation.py --config configs/stable-diffusion/v2-inference.yaml \\
         --random_weights --device cuda --plms --steps 50 --compile --trace trace.json
