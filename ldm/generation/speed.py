@@ -11,10 +11,11 @@ with inductor's on-disk caches reused from one run to the next.
   each call (autocast's cache keeps the casts only of parameters that require grad, and only inside
   one autocast region). Holding those weights in bfloat16 gives bit-identical results, halves their
   memory and removes the casts: :func:`hold_weights`.
-* Compilation on the CPU (the UNet and the VAE decoder: :func:`compile_model`): inductor with ``freezing`` (weights become constants: casts folded, oneDNN
-  weight prepacking for linear and convolution). Freezing has to be on while dynamo traces, not only
-  in inductor's options (:func:`compiled_forward`). Inductor's on-disk caches live in a stable per-user
-  folder (:func:`use_compile_cache`). Its FX graph cache cannot serve a frozen graph (prepacked oneDNN
+* Compilation on the CPU (the UNet and the VAE decoder: :func:`compile_model`): inductor with
+  ``freezing`` (weights become constants: casts folded, oneDNN weight prepacking for linear and
+  convolution). Freezing has to be on while dynamo traces, not only in inductor's options
+  (:func:`compiled_forward`). Inductor's on-disk caches live in a stable per-user folder
+  (:func:`use_compile_cache`). Its FX graph cache cannot serve a frozen graph (prepacked oneDNN
   weights cannot be pickled, so inductor bypasses it), so a second run lowers the graph again but
   reuses the compiled C++ kernels: full UNet, measured, cold 116 s, warm 57 s.
 
@@ -165,8 +166,8 @@ def compile_module(module: nn.Module, device: torch.device | str, mode: str | No
 
 def compile_model(net: nn.Module, device: torch.device | str, mode: str | None = None) -> None:
     """What ``--compile`` compiles of a loaded model: the UNet; on the CPU also the VAE decoder, a
-    tenth to a fifth of a CPU generation, which freezing makes about 20% faster (measured: 2.15 s ->
-    1.75 s per 256x256 image, bfloat16) for about 35 s more of compilation. On CUDA the decoder is left
+    tenth to a fifth of a CPU generation, which freezing makes about 20% faster (measured: 2.18 s ->
+    1.79 s per 256x256 image, bfloat16) for about 35 s more of compilation. On CUDA the decoder is left
     eager as in the original write-up (not measured there)."""
     compile_module(net.model.diffusion_model, device, mode)
     decoder = getattr(net.first_stage_model, "decoder", None)

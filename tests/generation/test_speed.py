@@ -1,6 +1,7 @@
 """ldm/generation/speed.py: the precision chosen on CPUs with and without native bfloat16 (the
 capability query monkeypatched), UNet weights held in bfloat16 (bit-identical under autocast),
-the UNet compiled for frozen inference weights against eager, and inductor's on-disk cache folder.
+the UNet compiled for frozen inference weights against eager (and with it the VAE decoder, a whole
+generation against eager), and inductor's on-disk cache folder.
 
 Tolerances: compiled float32 against eager float32, 1e-4 of the output's scale (as tests/test_compile.py:
 float32 rounding reordered by fusion); bfloat16 (autocast) against float32, 3e-2 of the output's
