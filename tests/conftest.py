@@ -80,6 +80,16 @@ def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: in
     return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Inductor's caches and --compile's packages in a folder of this test session: the tests neither
+    read nor fill a user's cache, and compile from scratch as on a fresh CI machine."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session", params=["eps", "v"])
 def parameterization(request) -> str:
     return request.param

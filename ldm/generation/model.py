@@ -222,7 +222,9 @@ class Model:
         if files.ckpt is None:
             logger.warning("--random_weights: the model of %s gets random weights; the images are noise (use this for timing only)", files.config)
             try:
-                return build_model(config, device).to(device).eval()
+                with torch.random.fork_rng(devices=[]):  # the same weights every run: --compile's packages are reused
+                    torch.manual_seed(0)
+                    return build_model(config, device).to(device).eval()
             except Exception as e:
                 raise GenerationError(f"--config {files.config}: cannot build its model: {type(e).__name__}: {e}") from None
         logger.info("loading %s with %s", files.ckpt, files.config)

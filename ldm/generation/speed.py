@@ -13,18 +13,17 @@ with inductor's on-disk caches reused from one run to the next.
   memory and removes the casts: :func:`hold_weights`.
 * Compilation on the CPU (the UNet and the VAE decoder: :func:`compile_model`): inductor with
   ``freezing`` (weights become constants: casts folded, oneDNN weight prepacking for linear and
-  convolution). Freezing has to be on while dynamo traces, not only in inductor's options
-  (:func:`compiled_forward`). Inductor's on-disk caches live in a stable per-user folder
-  (:func:`use_compile_cache`). Its FX graph cache cannot serve a frozen graph (prepacked oneDNN
-  weights cannot be pickled, so inductor bypasses it), so a second run lowers the graph again but
-  reuses the compiled C++ kernels: full UNet, measured, cold 116 s, warm 57 s.
+  convolution), compiled ahead of time by AOTInductor into packages kept on disk
+  (:mod:`ldm.generation.aot`), because ``torch.compile`` would lower a frozen graph again in every
+  process (its FX graph cache cannot hold one): full UNet, measured, about a minute per run that way
+  against seconds to load a package. Packages and inductor's other caches live in a stable per-user
+  folder (:func:`use_compile_cache`).
 
 User documentation: docs/benchmark.md ("On the CPU").
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -129,29 +128,25 @@ def inductor_options(device: torch.device | str, mode: str | None = None) -> dic
     return {**options, "freezing": True}
 
 
+def package_dir() -> Path:
+    """Where :func:`compiled_forward` keeps its compiled packages on the CPU: ``aoti`` in :func:`compile_cache_dir`."""
+    return compile_cache_dir() / "aoti"
+
+
 def compiled_forward(module: nn.Module, device: torch.device | str, mode: str | None = None) -> Callable[..., Any]:
     """``module`` compiled for inference on ``device`` (see :func:`inductor_options`), as a callable;
     ``module`` itself is left as it is.
 
-    On the CPU the weights are frozen into the compiled code: call it without gradients (as generation
-    does), and do not change the weights afterwards (a change is not seen)."""
+    On the CPU the weights are frozen into code compiled ahead of time and kept on disk
+    (:class:`ldm.generation.aot.PackagedForward`): call it without gradients (as generation does),
+    and do not change the weights afterwards (a change is not seen)."""
     use_compile_cache()
     options = inductor_options(device, mode)
     if options is None:
         return torch.compile(module, mode=mode or "default")
-    import torch._inductor.config as inductor_config
+    from ldm.generation.aot import PackagedForward
 
-    compiled = torch.compile(module.forward, options=options)
-
-    @functools.wraps(module.forward)
-    def frozen_forward(*args: Any, **kwargs: Any) -> Any:
-        # Dynamo reads the global flag while tracing to treat the weights as constants; passed only in
-        # ``options`` it reaches inductor too late and nothing is frozen (torch 2.14: no prepacked
-        # oneDNN weights, the compiled UNet slower than eager).
-        with inductor_config.patch(freezing=True):
-            return compiled(*args, **kwargs)
-
-    return frozen_forward
+    return PackagedForward(module, package_dir(), options)
 
 
 def compile_module(module: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:

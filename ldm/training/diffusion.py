@@ -4,7 +4,6 @@ autoencoder, conditioned on a frozen text encoder, with an EMA of its weights.""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from typing import Any, Mapping, Sequence
@@ -74,10 +73,6 @@ class LatentDiffusionTrainer(pl.LightningModule):
             raise TypeError(f"ldm_config must build a LatentDiffusion, got {type(self.model).__name__}")
         if self.model.cond_stage_trainable:
             raise ValueError("cond_stage_trainable: true is not supported; the text encoder stays frozen")
-        logit_scale = getattr(self.model.cond_stage_model.model, "logit_scale", None)
-        if logit_scale is not None:  # unused by the embedder, but saved: give it CLIP's initial value
-            with torch.no_grad():
-                logit_scale.fill_(math.log(1 / 0.07))
         if first_stage_ckpt is not None:
             load_first_stage(self.model, first_stage_ckpt)
         else:

@@ -43,6 +43,16 @@ def test_model_files_demo_default_and_fallback(tiny_files, monkeypatch):
         model.resolve_model_files(_settings())
 
 
+def test_random_weights_are_the_same_every_run(tiny_files):
+    """So that --compile's packages, keyed by the weights, serve the next --random_weights run too;
+    the global random state is left as it was."""
+    state = torch.get_rng_state()
+    nets = [model.Model(_settings(config=tiny_files["config"], random_weights=True, precision="full")).load() for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    first, second = (n.state_dict() for n in nets)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_compile_probe_failure_is_explained(monkeypatch):
     def broken(fn, **kw):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")

@@ -1,7 +1,7 @@
 """ldm/generation/speed.py: the precision chosen on CPUs with and without native bfloat16 (the
 capability query monkeypatched), UNet weights held in bfloat16 (bit-identical under autocast),
 the UNet compiled for frozen inference weights against eager (and with it the VAE decoder, a whole
-generation against eager), and inductor's on-disk cache folder.
+generation against eager), and inductor's on-disk cache folder (the packages: test_aot.py).
 
 Tolerances: compiled float32 against eager float32, 1e-4 of the output's scale (as tests/test_compile.py:
 float32 rounding reordered by fusion); bfloat16 (autocast) against float32, 3e-2 of the output's
@@ -151,23 +151,6 @@ def test_cache_folder(monkeypatch, tmp_path):
     import torch._inductor.config as inductor_config
 
     assert inductor_config.fx_graph_cache
-
-
-def test_compiled_kernels_land_in_the_cache_folder(monkeypatch, tmp_path):
-    """The C++ kernels of a frozen graph are written to the cache folder, and a second compilation
-    (a new process's, simulated by resetting dynamo) gives the same output. Inductor's FX graph cache
-    does not hold frozen graphs (prepacked oneDNN weights do not pickle), so each process lowers again."""
-    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(8 * 6 * 6, 5)).eval()
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        expected = net(x)
-        for _ in range(2):
-            torch._dynamo.reset()
-            compiled = speed.compile_module(copy.deepcopy(net), "cpu")
-            assert rel_max(compiled(x), expected) <= 1e-4
-    assert any(p.suffix == ".so" for p in (tmp_path / "cache").rglob("*"))
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,23 @@ def test_generation_matches_plms(both):
     torch.testing.assert_close(image, expected, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_compiled_peer_is_the_eager_peer(both):
+    """diffusers_sdpa_compile: the peer's UNet compiled as ours (--compile on the CPU: frozen, ahead of
+    time), called as its pipeline calls it, gives the eager pipeline's image."""
+    import copy
+
+    from ldm.generation.speed import compile_module
+
+    _, pipe = both
+    compiled = copy.deepcopy(pipe)
+    compile_module(compiled.unet, "cpu")
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = [p("A photo", height=64, width=64, num_inference_steps=2, guidance_scale=9.0, latents=x_T.clone(), output_type="pt").images
+              for p in (pipe, compiled)]
+    torch.testing.assert_close(images[1], images[0], atol=ATOL, rtol=0)
+
+
 def test_refuses_native_mha_config(tiny_files, tmp_path):
     from conftest import tiny_config
 

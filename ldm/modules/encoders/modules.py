@@ -5,6 +5,7 @@ OpenCLIP ViT-H/14) and the noise augmentation of their embeddings."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -69,7 +70,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         config = open_clip_model_config(arch)
         text = _build_text_tower(config["embed_dim"], config["text_cfg"], config.get("quick_gelu", False))
-        text.logit_scale = nn.Parameter(torch.empty(()))  # kept so the checkpoint's key loads strictly
+        text.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))  # unused; kept so the checkpoint's key loads strictly (CLIP's initial value)
         # The causal mask is not in checkpoints: make it on the CPU even when built on "meta".
         text.register_buffer("attn_mask", _causal_mask(text.context_length), persistent=False)
         # Run the blocks sequence-first, as the original did: batch-first attention transposes
