@@ -85,6 +85,7 @@ class PackagedForward:
         return hashlib.sha256(f"{self.model_key}\n{call}".encode()).hexdigest()[:32]
 
     def load_or_build(self, key: str, args: tuple, kwargs: dict) -> Callable[..., Any]:
+        """The package ``key`` from the folder, else exported with these inputs, compiled and saved."""
         name = type(self.module).__name__
         path = self.folder / f"{name}-{key}.pt2"
         if path.exists():
@@ -99,7 +100,11 @@ class PackagedForward:
         started = time.perf_counter()
         logger.info("compiling %s ahead of time for %s (minutes the first time; later runs load it from %s)",
                     name, ", ".join(describe_input(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RuntimeError(f"--compile cannot create its cache folder {self.folder} ({error}): "
+                               "set TORCHINDUCTOR_CACHE_DIR to a writable folder") from None
         partial = path.with_name(f"{path.stem}.partial-{os.getpid()}.pt2")
         try:
             program = torch.export.export(_Forward(self.module, self.forward), args, kwargs)

@@ -123,6 +123,13 @@ def test_a_failed_compilation_leaves_no_file(folder, monkeypatch):
     assert list(folder.iterdir()) == []
 
 
+def test_an_unusable_cache_folder_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"cannot create its cache folder .*TORCHINDUCTOR_CACHE_DIR"):
+        packaged(small_net(), blocker / "aoti")(torch.randn(2, 3, 6, 6))
+
+
 def test_the_least_recently_used_packages_go_first(tmp_path):
     import os
 
