@@ -95,10 +95,19 @@ def compile_cache_dir() -> Path:
     """Inductor's on-disk cache: ``TORCHINDUCTOR_CACHE_DIR`` when set, else a stable per-user folder,
     ``$XDG_CACHE_HOME/ldm-sd2/torchinductor`` (``~/.cache/...``), which survives reboots unlike
     PyTorch's default under /tmp."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen and not _is_torch_default(chosen):
+        return Path(chosen)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "ldm-sd2" / "torchinductor"
+
+
+def _is_torch_default(folder: str) -> bool:
+    """Whether ``folder`` is PyTorch's own default, which importing ``torch._dynamo`` writes into
+    ``TORCHINDUCTOR_CACHE_DIR`` when it is unset: then the user chose nothing."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(folder) == os.path.abspath(default_cache_dir())
 
 
 def use_compile_cache() -> Path:
@@ -106,7 +115,7 @@ def use_compile_cache() -> Path:
     graph cache and AOT autograd cache on (unless switched off by their environment variables);
     call before the first compilation of the process. Returns the folder."""
     folder = compile_cache_dir()
-    os.environ.setdefault(CACHE_ENV, str(folder))
+    os.environ[CACHE_ENV] = str(folder)
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 

@@ -145,12 +145,35 @@ def test_cache_folder(monkeypatch, tmp_path):
     import os
 
     assert os.environ[speed.CACHE_ENV] == str(tmp_path / "xdg" / "ldm-sd2" / "torchinductor")
+    # Importing torch._dynamo fills in PyTorch's own default under /tmp when the variable is unset:
+    # that is no choice of the user's, and our folder replaces it.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(speed.CACHE_ENV, default_cache_dir())
+    assert speed.use_compile_cache() == tmp_path / "xdg" / "ldm-sd2" / "torchinductor"
+    assert os.environ[speed.CACHE_ENV] == str(tmp_path / "xdg" / "ldm-sd2" / "torchinductor")
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "mine"))  # the user's choice wins
     assert speed.use_compile_cache() == tmp_path / "mine"
     assert os.environ[speed.CACHE_ENV] == str(tmp_path / "mine")
     import torch._inductor.config as inductor_config
 
     assert inductor_config.fx_graph_cache
+
+
+def test_cache_folder_survives_torchs_import(tmp_path):
+    """In a fresh process whose environment names no folder, importing torch._dynamo (as generation
+    does before compiling) fills in PyTorch's /tmp default; --compile's folder is still ours."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != speed.CACHE_ENV} | {"XDG_CACHE_HOME": str(tmp_path)}
+    code = ("import os, torch._dynamo; from ldm.generation import speed; print(os.environ.get(speed.CACHE_ENV)); "
+            "print(speed.use_compile_cache()); print(os.environ[speed.CACHE_ENV])")
+    filled, chosen, env_after = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                               check=True).stdout.split()
+    ours = str(tmp_path / "ldm-sd2" / "torchinductor")
+    assert filled != ours and chosen == ours and env_after == ours
 
 
 @pytest.fixture(scope="module")
