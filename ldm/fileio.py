@@ -21,8 +21,9 @@ _UMASK = _read_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it becomes ``path``.
+def atomic_path(path: str | os.PathLike, overwrite: bool = False, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path to write (a hidden name ending in ``suffix``, for writers that insist
+    on one); on success it becomes ``path``.
 
     Without ``overwrite`` an existing ``path`` raises FileExistsError, also when another
     process creates it meanwhile (the rename is a no-clobber hard link where the file system
@@ -33,7 +34,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import ldm
+from ldm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,9 @@ class PackagedForward:
         except OSError as error:
             raise RuntimeError(f"--compile cannot create its cache folder {self.folder} ({error}): "
                                "set TORCHINDUCTOR_CACHE_DIR to a writable folder") from None
-        partial = path.with_name(f"{path.stem}.partial-{os.getpid()}.pt2")
-        try:
+        with atomic_path(path, overwrite=True, suffix=".pt2") as partial:  # AOTInductor wants the suffix
             program = torch.export.export(_Forward(self.module, self.forward), args, kwargs)
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=self.options)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
         logger.info("compiled %s in %.0f s: %s (%.2f GB)", name, time.perf_counter() - started, path, path.stat().st_size / 1e9)
         evict(self.folder, keep=path)
         return torch._inductor.aoti_load_package(str(path))
@@ -158,7 +155,7 @@ def model_description(module: nn.Module, options: dict[str, Any]) -> Any:
 def evict(folder: Path, keep: Path, limit: int | None = None) -> None:
     """Delete the least recently used packages in ``folder`` beyond ``limit`` bytes, never ``keep``."""
     limit = MAX_CACHE_BYTES if limit is None else limit
-    packages = sorted((p for p in folder.glob("*.pt2") if ".partial-" not in p.name), key=lambda p: p.stat().st_mtime)
+    packages = sorted((p for p in folder.glob("*.pt2") if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)  # not those being written
     total = sum(p.stat().st_size for p in packages)
     for old in packages:
         if total <= limit:

@@ -171,7 +171,7 @@ def compile_module(module: nn.Module, device: torch.device | str, mode: str | No
 def compile_model(net: nn.Module, device: torch.device | str, mode: str | None = None) -> None:
     """What ``--compile`` compiles of a loaded model: the UNet; on the CPU also the VAE decoder, a
     tenth to a fifth of a CPU generation, which freezing makes about 20% faster (measured: 2.18 s ->
-    1.79 s per 256x256 image, bfloat16) for about 35 s more of compilation. On CUDA the decoder is left
+    1.79 s per 256x256 image, bfloat16) for about 30 s more of compilation, once per model and size. On CUDA the decoder is left
     eager as in the original write-up (not measured there)."""
     compile_module(net.model.diffusion_model, device, mode)
     decoder = getattr(net.first_stage_model, "decoder", None)

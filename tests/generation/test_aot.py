@@ -48,7 +48,7 @@ def test_a_second_process_loads_the_package_instead_of_compiling(folder, monkeyp
     with torch.no_grad():
         expected = net(x)
         assert rel_max(packaged(net, folder)(x), expected) <= 1e-5
-        (package,) = folder.glob("*.pt2")  # written whole: no partial file left
+        (package,) = folder.iterdir()  # written whole: no partial file left
         assert package.name.startswith("Sequential-")
         forbid_compiling(monkeypatch)
         with caplog.at_level(logging.INFO, logger="ldm.generation.aot"):
@@ -138,6 +138,6 @@ def test_the_least_recently_used_packages_go_first(tmp_path):
         path = tmp_path / f"{name}.pt2"
         path.write_bytes(b"x" * size)
         os.utime(path, (1000 + age, 1000 + age))  # a oldest
-    (tmp_path / "e.partial-1.pt2").write_bytes(b"x" * 1000)  # another process's package being written
+    (tmp_path / ".e.pt2.x1y2.pt2").write_bytes(b"x" * 1000)  # another process's package being written (fileio.atomic_path)
     aot.evict(tmp_path, keep=tmp_path / "a.pt2", limit=650)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt2", "d.pt2", "e.partial-1.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".e.pt2.x1y2.pt2", "a.pt2", "d.pt2"]
