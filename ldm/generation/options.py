@@ -85,11 +85,13 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
     bench.add_argument("--disable_flash", action="store_true", help="disable SDPA's flash-attention backend")
     bench.add_argument("--disable_mem_efficient", action="store_true", help="disable SDPA's memory-efficient backend")
     bench.add_argument("--disable_math", action="store_true", help="disable SDPA's math backend")
-    bench.add_argument("--compile", action="store_true", help="compile the UNet with torch.compile")
+    bench.add_argument("--compile", action="store_true",
+                       help="compile the UNet with torch.compile; on the CPU the UNet and VAE decoder, ahead of time, "
+                            "kept in TORCHINDUCTOR_CACHE_DIR (default ~/.cache/ldm-sd2/torchinductor) for later runs")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
     bench.add_argument("--random_weights", action="store_true",
-                       help="random weights instead of --ckpt (timing only: the images are noise)")
+                       help="random weights (the same every run) instead of --ckpt (timing only: the images are noise)")
     return bench
 
 
