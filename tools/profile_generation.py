@@ -19,7 +19,9 @@ How each figure is obtained (see docs/benchmark.md, "Where the time goes"):
 * Attention: within the UNet ranges, the outermost ops whose names contain ``scaled_dot_product``,
   ``attention``, ``softmax`` or ``bmm`` (in this UNet only attention computes a softmax or a
   batched matmul; the projections are linear layers), with their children, so helper ops inside
-  them count once and nothing twice. CPU time on the CPU, device time on CUDA.
+  them count once and nothing twice. CPU time on the CPU, device time on CUDA. A UNet compiled
+  ahead of time (``--compile`` on the CPU) runs as one call the profiler cannot look into: its
+  attention is then reported as unknown (``n/a``, ``null`` in ``--json``), not as zero.
 * Host overhead: on the CPU the wall time outside the three ranges (sampler updates, Python,
   profiler bookkeeping); on CUDA the wall time the device was idle (wall minus the union of all
   kernel and copy intervals), with kernels outside the ranges shown as "other device work".
@@ -134,7 +136,8 @@ def summarize(events: Sequence[Any], wall: float, on_device: bool) -> dict[str, 
     """Seconds and shares of the wall time per component, from the profiler's events."""
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     rows: list[dict[str, Any]] = []
-    attention = unet = 0.0
+    attention: float | None = None
+    unet = 0.0
     for label in RANGES.values():
         ranges = [e for e in cpu if e.name == label]
         host = sum(e.cpu_time_total for e in ranges) / 1e6
@@ -142,7 +145,7 @@ def summarize(events: Sequence[Any], wall: float, on_device: bool) -> dict[str, 
         rows.append({"component": label, "seconds": seconds, "host_seconds": host, "calls": len(ranges)})
         if label == "UNet":
             found = [a for e in ranges for a in _attention_events(e)]
-            attention = sum(a.device_time_total if on_device else a.cpu_time_total for a in found) / 1e6
+            attention = sum(a.device_time_total if on_device else a.cpu_time_total for a in found) / 1e6 if found else None
             unet = seconds
     named = sum(r["seconds"] for r in rows)
     if on_device:
@@ -165,7 +168,7 @@ def summarize(events: Sequence[Any], wall: float, on_device: bool) -> dict[str, 
         "device_busy_seconds": busy,
         "components": rows,
         "unet_attention_seconds": attention,
-        "unet_attention_share_of_unet": attention / unet if unet else 0.0,
+        "unet_attention_share_of_unet": attention / unet if unet and attention is not None else None,
         "attention_patterns": list(ATTENTION_PATTERNS),
     }
 
@@ -177,7 +180,9 @@ def markdown(summary: dict[str, Any]) -> str:
         host = "" if r["host_seconds"] is None else f"{r['host_seconds']:.4f}"
         calls = "" if r["calls"] is None else str(r["calls"])
         lines.append(f"| {r['component']} | {r['seconds']:.4f} | {100 * r['share']:.1f}% | {host} | {calls} |")
-        if r["component"] == "UNet":
+        if r["component"] == "UNet" and summary["unet_attention_seconds"] is None:
+            lines.append("| - of which attention | n/a | not visible (compiled ahead of time) | | |")
+        elif r["component"] == "UNet":
             lines.append(
                 f"| - of which attention | {summary['unet_attention_seconds']:.4f} | "
                 f"{100 * summary['unet_attention_share_of_unet']:.1f}% of UNet | | |"

@@ -78,3 +78,22 @@ def test_existing_output_refused_before_loading(tiny_files, tmp_path, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
     assert existing.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]
+
+
+def test_attention_unknown_when_the_unet_is_opaque():
+    """A UNet compiled ahead of time is one call without attention ops under it: its attention is
+    unknown (None, "n/a"), not zero seconds."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, seconds):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_time_total=seconds * 1e6, cpu_children=[])
+
+    events = [event("text encoder", 0.1), event("UNet", 1.0), event("UNet", 1.0), event("VAE decode", 0.5)]
+    summary = tool.summarize(events, wall=2.7, on_device=False)
+    assert summary["unet_attention_seconds"] is None and summary["unet_attention_share_of_unet"] is None
+    rows = table_rows(tool.markdown(summary))
+    assert rows["- of which attention"][:2] == ["n/a", "not visible (compiled ahead of time)"]
+    assert float(rows["UNet"][0]) == pytest.approx(2.0)
+    assert float(rows["host overhead"][0]) == pytest.approx(0.1)
