@@ -71,7 +71,9 @@ def _vanilla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> t
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2).reshape(b * heads, -1, d) for t in (q, k, v))
     scale = d**-0.5
     if ATTN_PRECISION == "fp32":
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        # As the original, turn off CUDA's autocast only (float16 scores overflow): under CPU
+        # autocast the scores stay bfloat16, which has float32's range.
+        with torch.autocast(device_type="cuda", enabled=False):
             sim = (q.float() @ k.float().transpose(1, 2)) * scale
     else:
         sim = (q @ k.transpose(1, 2)) * scale

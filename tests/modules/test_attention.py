@@ -156,6 +156,27 @@ def test_vanilla_scores_in_float32_do_not_overflow_in_float16(monkeypatch):
     assert not attention.attention(q16, q16, v16, heads=1, implementation="vanilla").isfinite().all()
 
 
+def test_vanilla_under_cpu_autocast_scores_in_bfloat16_as_the_original():
+    """The original's float32 rule turns off CUDA's autocast only, so under CPU autocast its scores
+    are bfloat16 (and its UNet calls faster than with float32 scores): vanilla, the benchmark's
+    "original" configuration, does the same."""
+    softmax_inputs = []
+
+    class RecordSoftmax(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.softmax, torch.Tensor.softmax):
+                softmax_inputs.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 32, generator=gen) for _ in range(3))
+    with RecordSoftmax(), torch.autocast("cpu", torch.bfloat16):
+        out = attention.attention(q, k, v, heads=2, implementation="vanilla")
+    assert softmax_inputs == [torch.bfloat16]
+    expected = attention.attention(q.double(), k.double(), v.double(), heads=2, implementation="vanilla")
+    assert_close(out, expected, rtol=2e-2)  # bfloat16 inputs, scores and output
+
+
 def test_sdpa_backends_all_disabled_is_an_error():
     with pytest.raises(ValueError, match="all SDPA backends .* are disabled"):
         with sdpa_backends(disable_flash=True, disable_mem_efficient=True, disable_math=True):
