@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
+from torch.autograd import DeviceType
 
 from conftest import ROOT, load_script
 
@@ -83,10 +85,6 @@ def test_existing_output_refused_before_loading(tiny_files, tmp_path, capsys):
 def test_attention_unknown_when_the_unet_is_opaque():
     """A UNet compiled ahead of time is one call without attention ops under it: its attention is
     unknown (None, "n/a"), not zero seconds."""
-    from types import SimpleNamespace
-
-    from torch.autograd import DeviceType
-
     def event(name, seconds):
         return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_time_total=seconds * 1e6, cpu_children=[])
 
