@@ -1,9 +1,11 @@
-"""What the DDIM, PLMS and DPM-Solver samplers share: the guided model call and the DDIM
-timestep schedule, computed as the original code computes them."""
+"""What every sampler shares: the one interface the pipelines call (:class:`Sampler`, a batch's
+:class:`SampleRequest`), the guided model call, and the DDIM timestep schedule, computed as the
+original code computes it."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -22,14 +24,18 @@ class GuidedModel:
     """The model under classifier-free guidance, as a function of (x, t).
 
     Unconditional and conditional inputs run as one batched UNet call (uncond first, as the
-    original); their conditioning batch is built once here, not at every step.
+    original); their conditioning batch is built once here, not at every step. At scale 1 the
+    formula is the conditional prediction and at scale 0 the unconditional one: one unbatched call.
     """
 
     def __init__(self, model, cond: Any, uncond: Any = None, scale: float = 1.0):
         self.model = model
         self.scale = scale
-        self.guided = uncond is not None and scale != 1.0
-        self.cond = concat_conditioning(uncond, cond) if self.guided else cond
+        self.guided = uncond is not None and scale not in (0.0, 1.0)
+        if self.guided:
+            self.cond = concat_conditioning(uncond, cond)
+        else:
+            self.cond = uncond if uncond is not None and scale == 0.0 else cond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self.guided:
@@ -129,3 +135,69 @@ class DDIMSchedule:
         if noise_dropout > 0.0:
             noise = torch.nn.functional.dropout(noise, p=noise_dropout)
         return a_prev.sqrt() * pred_x0 + dir_xt + noise, pred_x0
+
+
+@dataclass
+class SampleRequest:
+    """One batch's sampling, as a pipeline asks it of a :class:`Sampler`.
+
+    ``noise`` is the run's standard-normal draw of ``shape`` (None: the sampler draws it as the
+    original does, ``torch.randn(shape)`` on the model's device, first thing). Without ``init`` a run
+    starts from that noise alone; with ``init`` (clean latents, img2img) from ``init`` noised by it.
+    ``denoise_steps`` runs only the last that many steps of the schedule (img2img's strength; None:
+    all of them). ``callback(i, latents)`` follows every step.
+    """
+
+    cond: Any
+    uncond: Any
+    scale: float
+    steps: int
+    shape: tuple[int, ...]
+    eta: float | None = None
+    schedule: str | None = None
+    noise: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+    denoise_steps: int | None = None
+    callback: Callable[[int, torch.Tensor], None] | None = None
+
+
+class Sampler:
+    """The one sampler interface: what a pipeline asks of a sampler, none of it by name.
+
+    A sampler says which schedules it runs on (the first is its default), whether it takes an eta
+    (``default_eta`` None: deterministic), whether it can start part way down a schedule from a
+    noised image (img2img, depth2img), how many steps and UNet calls a run takes, and runs a batch.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # as AUTOMATIC1111 spells it
+    schedules: ClassVar[tuple[str, ...]] = ("uniform",)
+    default_eta: ClassVar[float | None] = None
+    starts_midway: ClassVar[bool] = False
+    calls_per_step: ClassVar[int] = 1  # UNet evaluations per step; 2: second order (the last step to 0 takes one)
+
+    def check(self, steps: int, eta: float | None, schedule: str, num_timesteps: int) -> None:
+        """ValueError, saying why, for settings this sampler cannot run."""
+        if schedule not in self.schedules:
+            raise ValueError(f"{self.title} runs on the {' or '.join(self.schedules)} schedule, not {schedule}")
+        if self.default_eta is None and eta:
+            raise ValueError(f"{self.title} is deterministic: eta applies to DDIM, ancestral and SDE samplers only")
+        self.run_steps(steps, schedule, num_timesteps)
+
+    def run_steps(self, steps: int, schedule: str, num_timesteps: int) -> int:
+        """The steps (progress ticks) of a whole run of ``steps``; ValueError if it cannot be run."""
+        from ldm.models.diffusion.schedules import schedule_named
+
+        return schedule_named(schedule).check(steps, num_timesteps)
+
+    def denoise_steps(self, steps: int, strength: float) -> int:
+        """How many of the last steps a run started by ``strength`` in [0, 1] takes (img2img's rule)."""
+        return min(int(strength * steps), steps)
+
+    def unet_calls(self, run_steps: int) -> int:
+        """UNet evaluations of a run of ``run_steps`` steps (a guided one batches cond and uncond in each)."""
+        return self.calls_per_step * run_steps - (self.calls_per_step - 1) * (run_steps > 0)
+
+    def sample(self, model, request: SampleRequest) -> torch.Tensor:
+        """The batch's final latents."""
+        raise NotImplementedError
