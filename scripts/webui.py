@@ -25,16 +25,18 @@ from PIL import Image, ImageChops
 from ldm.generation.argtypes import int_at_least, positive
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
-from ldm.generation.options import DEMO_PROMPT, add_model_arguments, model_settings_from_args
+from ldm.generation.options import DEMO_PROMPT, add_model_arguments, model_settings_from_args, sampling_defaults
 from ldm.generation.run import cli_logging, report_error
 from ldm.generation.serving import SEED_LIMIT, ModelServer, check_mask, resolve_seed
 from ldm.generation.settings import SamplingSettings
 from ldm.generation.tasks import TASKS
-from ldm.models.diffusion.samplers import SAMPLER_TITLES
+from ldm.models.diffusion.samplers import SAMPLERS
+from ldm.models.diffusion.schedules import SCHEDULES
 
 logger = logging.getLogger("ldm.webui")
 
-DEFAULTS = {"seed": -1, "steps": 50, "scale": 9.0, "n_samples": 1, "strength": 0.8}
+DEFAULTS = {"seed": -1, "n_samples": 1}  # the rest: the task's and the model's (options.sampling_defaults)
+DEFAULT_SCHEDULE = "default"  # the sampler's own schedule
 DEMO_EXAMPLES = [DEMO_PROMPT, "a green square", "a blue triangle", "a yellow circle"]
 MAX_STEPS = 200
 MAX_UPLOAD = "20mb"
@@ -112,18 +114,23 @@ class WebUI:
             gr.Examples([[p] for p in DEMO_EXAMPLES], [prompt], label="Prompts the demo model knows")
         return prompt, button
 
-    def sampling_controls(self, samplers: Sequence[str] = ("ddim",)) -> list[gr.components.Component]:
-        """seed, steps, scale, n_samples (and the sampler, where the task has several)."""
-        controls = [
+    def defaults(self, task: str) -> dict[str, Any]:
+        return sampling_defaults(task, self.model)
+
+    def sampling_controls(self, task: str) -> list[gr.components.Component]:
+        """seed, steps, scale, n_samples, sampler and schedule, at the task's and the model's defaults."""
+        d = self.defaults(task)
+        samplers = TASKS[task].samplers()
+        return [
             gr.Number(DEFAULTS["seed"], label="Seed (-1: a random one, shown with the images)", precision=0,
                       minimum=-1, maximum=SEED_LIMIT - 1),
-            gr.Slider(1, MAX_STEPS, DEFAULTS["steps"], step=1, label="Steps"),
-            gr.Slider(1.0, 30.0, DEFAULTS["scale"], step=0.5, label="Guidance scale"),
+            gr.Slider(1, MAX_STEPS, d["steps"], step=1, label="Steps"),
+            gr.Slider(1.0, 30.0, d["scale"], step=0.5, label="Guidance scale (1: none)"),
             gr.Slider(1, self.server.max_samples, DEFAULTS["n_samples"], step=1, label="Images"),
+            gr.Dropdown([(SAMPLERS[n].title, n) for n in samplers], value=d["sampler"], label="Sampler", elem_id=f"{task}-sampler"),
+            gr.Dropdown([("the sampler's own", DEFAULT_SCHEDULE), *((s.title, n) for n, s in SCHEDULES.items())],
+                        value=d["schedule"] or DEFAULT_SCHEDULE, label="Schedule", elem_id=f"{task}-schedule"),
         ]
-        if len(samplers) > 1:
-            controls.append(gr.Radio([(SAMPLER_TITLES[n], n) for n in samplers], value=samplers[0], label="Sampler"))
-        return controls
 
     def outputs(self, task: str) -> list[gr.components.Component]:
         # The PNG files as the scripts write them, seed and settings in text chunks; downloads keep them.
@@ -137,7 +144,7 @@ class WebUI:
         prompt, button = self.prompt_row("txt2img")
         with gr.Row():
             with gr.Column():
-                controls = self.sampling_controls(TASKS["txt2img"].samplers)
+                controls = self.sampling_controls("txt2img")
                 size = dict(minimum=g.multiple, maximum=max(2 * g.native_size, g.multiple), value=g.native_size, step=g.multiple)
                 controls += [gr.Slider(label="Height", **size), gr.Slider(label="Width", **size)]
             with gr.Column():
@@ -150,8 +157,9 @@ class WebUI:
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image to start from", type="filepath", image_mode=None, sources=["upload", "clipboard"])
-                strength = gr.Slider(0.0, 1.0, DEFAULTS["strength"], step=0.05, label="Strength (1.0: the image is noised entirely)")
-                controls = self.sampling_controls()
+                strength = gr.Slider(0.0, 1.0, self.defaults("img2img")["strength"], step=0.05,
+                                     label="Strength (1.0: the image is noised entirely)")
+                controls = self.sampling_controls("img2img")
             with gr.Column():
                 outputs = self.outputs("img2img")
         button.click(self.img2img, [prompt, image, *controls, strength], outputs, api_name="img2img", **ONE_AT_A_TIME)
@@ -168,7 +176,7 @@ class WebUI:
                 # What the editor holds, as the API takes it: the image and a mask (white: repaint).
                 image = gr.Image(label="image", type="filepath", image_mode=None, format="png", visible=False)
                 mask = gr.Image(label="mask", type="filepath", image_mode=None, format="png", visible=False)
-                controls = self.sampling_controls(TASKS["inpaint"].samplers)
+                controls = self.sampling_controls("inpaint")
             with gr.Column():
                 outputs = self.outputs("inpaint")
         split = button.click(editor_image_and_mask, [editor], [image, mask], api_visibility="private", queue=False)
@@ -183,8 +191,9 @@ class WebUI:
             with gr.Column():
                 image = self.image_input("Image whose depth the result keeps")
                 depth = self.image_input("Depth map (optional: greyscale, brighter = nearer; default: MiDaS' estimate)")
-                strength = gr.Slider(0.0, 1.0, 0.9, step=0.05, label="Strength (1.0: only the depth is kept)")
-                controls = self.sampling_controls()
+                strength = gr.Slider(0.0, 1.0, self.defaults("depth2img")["strength"], step=0.05,
+                                     label="Strength (1.0: only the depth is kept)")
+                controls = self.sampling_controls("depth2img")
             with gr.Column():
                 outputs = self.outputs("depth2img")
         button.click(self.depth2img, [prompt, image, *controls, strength, depth], outputs, api_name="depth2img", **ONE_AT_A_TIME)
@@ -195,7 +204,7 @@ class WebUI:
             with gr.Column():
                 image = self.image_input("Low-resolution image (the result is four times its size)")
                 noise = gr.Slider(0, 350, 20, step=1, label="Noise level (more: the model invents more detail)")
-                controls = self.sampling_controls(TASKS["upscale"].samplers)
+                controls = self.sampling_controls("upscale")
             with gr.Column():
                 outputs = self.outputs("upscale")
         button.click(self.upscale, [prompt, image, *controls, noise], outputs, api_name="upscale", **ONE_AT_A_TIME)
@@ -206,27 +215,32 @@ class WebUI:
             with gr.Column():
                 image = self.image_input("Image to make variations of")
                 noise = gr.Slider(0, 999, 0, step=1, label="Noise level of its CLIP embedding (more: further from it)")
-                controls = self.sampling_controls(TASKS["variations"].samplers)
+                controls = self.sampling_controls("variations")
             with gr.Column():
                 outputs = self.outputs("variations")
         button.click(self.variations, [prompt, image, *controls, noise], outputs, api_name="variations", **ONE_AT_A_TIME)
 
     # -- the endpoints: one per task, named inputs, all but the prompt with defaults -----------
-    def txt2img(self, prompt: str, seed: int = -1, steps: int = 50, scale: float = 9.0, n_samples: int = 1,
-                sampler: str = "ddim", height: int | None = None, width: int | None = None, progress: gr.Progress = gr.Progress()):
+    # Steps, scale, sampler, schedule and strength left out (None) take the task's and the model's defaults.
+    def txt2img(self, prompt: str, seed: int = -1, steps: int | None = None, scale: float | None = None, n_samples: int = 1,
+                sampler: str | None = None, schedule: str | None = None, height: int | None = None, width: int | None = None,
+                progress: gr.Progress = gr.Progress()):
         """Text to image; height and width default to the model's size."""
-        return self.generate("txt2img", prompt, seed, steps, scale, n_samples, progress, sampler=sampler,
+        return self.generate("txt2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress,
                              height=int(height) if height else None, width=int(width) if width else None)
 
-    def img2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 50, scale: float = 9.0,
-                n_samples: int = 1, strength: float = 0.8, progress: gr.Progress = gr.Progress()):
+    def img2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
+                n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, strength: float | None = None,
+                progress: gr.Progress = gr.Progress()):
         """Image to image: ``image`` noised by ``strength`` of the steps, then denoised under the prompt."""
         if image is None:
             raise refuse("Upload an image to start from.")
-        return self.generate("img2img", prompt, seed, steps, scale, n_samples, progress, image, float(strength))
+        strength = self.defaults("img2img")["strength"] if strength is None else strength
+        return self.generate("img2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, float(strength))
 
-    def inpaint(self, prompt: str, image: str | None = None, mask: str | None = None, seed: int = -1, steps: int = 50,
-                scale: float = 9.0, n_samples: int = 1, sampler: str = "ddim", progress: gr.Progress = gr.Progress()):
+    def inpaint(self, prompt: str, image: str | None = None, mask: str | None = None, seed: int = -1, steps: int | None = None,
+                scale: float | None = None, n_samples: int = 1, sampler: str | None = None, schedule: str | None = None,
+                progress: gr.Progress = gr.Progress()):
         """Inpainting: the white area of ``mask`` repainted under the prompt, the rest of ``image`` kept."""
         if image is None or mask is None:
             raise refuse("Inpainting needs an image and a mask (white: the area to repaint).")
@@ -234,38 +248,46 @@ class WebUI:
             check_mask(image, mask)
         except (UsageError, GenerationError) as e:
             raise refuse(e) from None
-        return self.generate("inpaint", prompt, seed, steps, scale, n_samples, progress, image, mask, sampler=sampler)
+        return self.generate("inpaint", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, mask)
 
-    def depth2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 50, scale: float = 9.0,
-                  n_samples: int = 1, strength: float = 0.9, depth_map: str | None = None, progress: gr.Progress = gr.Progress()):
+    def depth2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
+                  n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, strength: float | None = None,
+                  depth_map: str | None = None, progress: gr.Progress = gr.Progress()):
         """Depth to image: a new image under the prompt with ``image``'s depth (or ``depth_map``'s)."""
         if image is None:
             raise refuse("Upload an image whose depth to keep.")
-        return self.generate("depth2img", prompt, seed, steps, scale, n_samples, progress, image, float(strength),
-                             depth_map=depth_map)
+        strength = self.defaults("depth2img")["strength"] if strength is None else strength
+        return self.generate("depth2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image,
+                             float(strength), depth_map=depth_map)
 
-    def upscale(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 75, scale: float = 10.0,
-                n_samples: int = 1, sampler: str = "ddim", noise_level: int = 20, progress: gr.Progress = gr.Progress()):
+    def upscale(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
+                n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, noise_level: int = 20,
+                progress: gr.Progress = gr.Progress()):
         """x4 upscaling of ``image``, guided by the prompt."""
         if image is None:
             raise refuse("Upload the image to upscale.")
-        return self.generate("upscale", prompt, seed, steps, scale, n_samples, progress, image, int(noise_level), sampler=sampler)
+        return self.generate("upscale", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, int(noise_level))
 
-    def variations(self, prompt: str, image: str | None = None, seed: int = -1, steps: int = 20, scale: float = 10.0,
-                   n_samples: int = 1, sampler: str = "ddim", noise_level: int = 0, progress: gr.Progress = gr.Progress()):
+    def variations(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
+                   n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, noise_level: int = 0,
+                   progress: gr.Progress = gr.Progress()):
         """Variations of ``image`` (stable unCLIP), guided by the prompt."""
         if image is None:
             raise refuse("Upload the image to make variations of.")
-        return self.generate("variations", prompt, seed, steps, scale, n_samples, progress, image, int(noise_level),
-                             sampler=sampler, clip_stats=self.server.clip_stats)
+        return self.generate("variations", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image,
+                             int(noise_level), clip_stats=self.server.clip_stats)
 
-    def generate(self, task: str, prompt: str | None, seed: Any, steps: Any, scale: Any, n_samples: Any,
-                 progress: gr.Progress, *inputs: Any, sampler: str = "ddim", **options: Any) -> tuple[list, dict[str, str]]:
+    def generate(self, task: str, prompt: str | None, seed: Any, steps: Any, scale: Any, n_samples: Any, sampler: str | None,
+                 schedule: str | None, progress: gr.Progress, *inputs: Any, **options: Any) -> tuple[list, dict[str, str]]:
         """Run ``task`` on the pipeline layer; every refusal (bad input, non-finite images, memory) is a message."""
         if not (prompt or "").strip():
             raise refuse("Enter a prompt.")
+        d = self.defaults(task)
+        schedule = d["schedule"] if schedule is None else (None if schedule == DEFAULT_SCHEDULE else schedule)
         try:
-            sampling = SamplingSettings(sampler=sampler or "ddim", steps=int(steps), scale=float(scale), seed=resolve_seed(seed))
+            sampling = SamplingSettings(sampler=sampler or d["sampler"], steps=int(d["steps"] if steps is None else steps),
+                                        scale=float(d["scale"] if scale is None else scale), seed=resolve_seed(seed),
+                                        schedule=schedule)
         except (TypeError, ValueError, UsageError) as e:
             raise refuse(f"bad sampling settings: {e}") from None
         try:

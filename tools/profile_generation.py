@@ -47,7 +47,7 @@ from ldm.fileio import atomic_path, write_text
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.options import build_parser as task_parser
-from ldm.generation.options import read_prompts, settings_from_args
+from ldm.generation.options import model_settings_from_args, output_settings_from_args, read_prompts, sampling_from_args
 from ldm.generation.pipeline import Pipeline
 from ldm.generation.run import cli_logging, seed_everything
 from ldm.generation.tasks import TASKS
@@ -217,8 +217,8 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_outputs(args)
-    model_settings, sampling, output = settings_from_args(args)
-    model = Model(model_settings)
+    model, output = Model(model_settings_from_args(args)), output_settings_from_args(args)
+    sampling = sampling_from_args(args, args.task, model)
     pipeline = TASKS[args.task].from_args(model, sampling, output.n_samples, output.vae_slice_size, args)
     prompts = read_prompts(args.prompt, None, output.n_samples, pipeline.default_prompt)[0]
     try:

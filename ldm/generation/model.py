@@ -7,8 +7,10 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -26,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SD2_CONFIG = Path("configs/stable-diffusion/v2-inference.yaml")
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "shapes-demo.yaml"
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "demo" / "shapes-demo.safetensors"
+# What a config's ``sampling:`` section may set (see Model.sampling_defaults).
+SAMPLING_KEYS = ("sampler", "schedule", "steps", "scale", "strength")
 
 
 @dataclass
@@ -176,6 +180,17 @@ class Model:
     def target(self) -> str:
         """The config's model class name (``LatentDiffusion``, ``LatentInpaintDiffusion``, ...)."""
         return str(self.config.model.target).rsplit(".", 1)[-1]
+
+    def sampling_defaults(self, task: str) -> dict[str, Any]:
+        """The config's ``sampling:`` section for ``task``: the scripts' and the web UI's defaults for
+        this model (SD-Turbo's 1 step without guidance), its per-task entries over the shared ones."""
+        section = self.config.get("sampling") or {}
+        shared = {k: v for k, v in section.items() if not isinstance(v, Mapping)}
+        own = section.get(task) or {}
+        unknown = (set(shared) | set(own)) - set(SAMPLING_KEYS)
+        if unknown:
+            raise GenerationError(f"--config {self.files.config}: unknown sampling defaults {sorted(unknown)} (known: {', '.join(SAMPLING_KEYS)})")
+        return {**shared, **own}
 
     @property
     def num_timesteps(self) -> int:

@@ -13,15 +13,28 @@ import torch
 from ldm.generation import distributed
 from ldm.generation.argtypes import finite, float_in, non_negative, positive, seed
 from ldm.generation.errors import GenerationError, UsageError
-from ldm.generation.model import SD2_CONFIG
+from ldm.generation.model import SD2_CONFIG, Model
 from ldm.generation.pipeline import VAE_SLICE_PIXELS
 from ldm.generation.settings import ModelSettings, OutputSettings, SamplingSettings
-from ldm.models.diffusion.samplers import SAMPLER_TITLES
+from ldm.models.diffusion.samplers import ORIGINAL_FLAGS, SAMPLERS, parse_sampler
+from ldm.models.diffusion.schedules import SCHEDULES
 from ldm.modules.attention import IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a red circle"
+# The flags whose default a task (its cli_defaults) or a model (its config's ``sampling:``) may set;
+# they parse to None when not given, and :func:`fill_sampling_defaults` fills them.
+SAMPLING_DEFAULTS = {"sampler": "ddim", "schedule": None, "steps": 50, "scale": 9.0, "strength": None}
+
+
+def sampler_choice(text: str) -> str:
+    """A sampler's name or AUTOMATIC1111 spelling, checked as argparse parses it."""
+    try:
+        parse_sampler(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
@@ -29,25 +42,39 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     from ldm.generation.tasks import TASKS
 
     pipeline = TASKS[task]
+    defaults = task_sampling_defaults(task)
+    model_default = "or the model config's sampling: section"
     p = argparse.ArgumentParser(prog=pipeline.script or f"{task}.py", description=f"{pipeline.__doc__ or task} See docs/pipelines.md.")
     p.add_argument("--prompt", type=str, nargs="?", default=None,
                    help=f"the prompt to render (default: {pipeline.default_prompt!r}; {DEMO_PROMPT!r} for the demo model)")
     pipeline.add_arguments(p)
     p.add_argument("--outdir", type=str, nargs="?", default=f"outputs/{task}-samples", help="folder to write results to (default: %(default)s)")
-    p.add_argument(*pipeline.step_flags, dest="steps", type=positive, default=50, help="number of sampling steps (default: %(default)s)")
-    if len(pipeline.samplers) > 1:
-        samplers = p.add_mutually_exclusive_group()
-        for name in pipeline.samplers[1:]:
-            samplers.add_argument(f"--{name}", action="store_true", help=f"use {SAMPLER_TITLES[name]} sampling")
+    p.add_argument(*pipeline.step_flags, dest="steps", type=positive, default=None,
+                   help=f"number of sampling steps (default: {defaults['steps']}, {model_default})")
+    samplers = p.add_mutually_exclusive_group()
+    offered = pipeline.samplers()
+    samplers.add_argument("--sampler", type=sampler_choice, default=None, metavar="NAME",
+                          help=f"the sampler: {', '.join(offered)}; or as AUTOMATIC1111 spells it, with a schedule: "
+                               f"'DPM++ 2M Karras', 'Euler a' (default: {defaults['sampler']}, {model_default}; see docs/samplers.md)")
+    for name, flag in ORIGINAL_FLAGS.items():
+        if name in offered:
+            samplers.add_argument(flag, dest="sampler", action="store_const", const=name, help=f"use {SAMPLERS[name].title} sampling")
+    p.add_argument("--schedule", choices=list(SCHEDULES) + ["sgm_uniform"], default=None,
+                   help="the noise schedule of a k-diffusion sampler (default: the sampler's own: karras for the DPM++ and "
+                        "DPM2 samplers, exponential for the SDE ones, normal for the rest; DDIM and PLMS run on uniform)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
-    p.add_argument("--ddim_eta", type=float_in(0.0), default=0.0, help="DDIM eta, 0.0 for deterministic sampling (default: %(default)s)")
+    eta_default = f"{pipeline.default_eta} for the samplers that take one" if pipeline.default_eta is not None else "the sampler's"
+    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float_in(0.0), default=None,
+                   help=f"eta of DDIM, ancestral and SDE samplers: the noise added back per step, 0 for deterministic "
+                        f"(default: {eta_default}: 0 for DDIM, 1 for ancestral and SDE samplers)")
     p.add_argument("--n_iter", type=positive, default=1, help="sample this often (default: %(default)s)")
     p.add_argument("--C", type=positive, default=None, help="latent channels (default: the model's, 4 for SD2)")
     p.add_argument("--f", type=positive, default=None, help="autoencoder downsampling factor (default: the model's, 8 for SD2)")
     p.add_argument("--n_samples", type=positive, default=1, help="images per prompt batch, the batch size (default: %(default)s)")
     p.add_argument("--n_rows", type=non_negative, default=0, help="images per row of the grid (default: 0, n_samples)")
-    p.add_argument("--scale", type=finite, default=9.0,
-                   help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) (default: %(default)s)")
+    p.add_argument("--scale", type=finite, default=None,
+                   help="classifier-free guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)); "
+                        f"1 is no guidance, one UNet batch per step (default: {defaults['scale']}, {model_default})")
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     p.add_argument("--repeat", type=positive, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
@@ -64,8 +91,29 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                        help="decode in overlapping tiles of this many latent pixels (default: whole images; tiles are "
                             "chosen automatically when a whole image would not fit in memory)")
     distributed.add_arguments(p)
-    p.set_defaults(**pipeline.cli_defaults)
+    p.set_defaults(**{k: v for k, v in pipeline.cli_defaults.items() if k not in SAMPLING_DEFAULTS})
     return p
+
+
+def task_sampling_defaults(task: str) -> dict:
+    """The sampling defaults of ``task``'s script: the original's, then the task's own."""
+    from ldm.generation.tasks import TASKS
+
+    cli = TASKS[task].cli_defaults
+    return {**SAMPLING_DEFAULTS, **{k: v for k, v in cli.items() if k in SAMPLING_DEFAULTS}}
+
+
+def sampling_defaults(task: str, model: Model) -> dict:
+    """The sampling defaults of ``task`` on ``model``: the task's, then the model config's."""
+    return {**task_sampling_defaults(task), **model.sampling_defaults(task)}
+
+
+def fill_sampling_defaults(args: argparse.Namespace, task: str, model: Model) -> None:
+    """Give the sampling flags left out their defaults (:func:`sampling_defaults`); ``--ddim_eta`` stays
+    None when not given: the pipeline resolves it (a deterministic sampler takes none)."""
+    for dest, value in sampling_defaults(task, model).items():
+        if hasattr(args, dest) and getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD2_CONFIG)) -> argparse._ArgumentGroup:
@@ -105,18 +153,24 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> tuple[ModelSettings, SamplingSettings, OutputSettings]:
-    """The typed settings the flags describe."""
-    sampler = next((name for name in SAMPLER_TITLES if getattr(args, name, False)), "ddim")
-    model = model_settings_from_args(args)
-    sampling = SamplingSettings(sampler, args.steps, args.ddim_eta, args.scale, args.seed, args.fixed_code)
-    output = OutputSettings(
+def sampling_from_args(args: argparse.Namespace, task: str, model: Model) -> SamplingSettings:
+    """The sampling settings the flags describe, the flags left out at the task's and model's defaults
+    (which are written into ``args``, where the task's own flags, ``--strength``, read them)."""
+    fill_sampling_defaults(args, task, model)
+    if args.scale == 0.0:
+        logger.warning("--scale 0 samples the unconditional prediction alone: the prompt has no effect "
+                       "(for no guidance use --scale 1, what diffusers calls guidance_scale 0 or 1)")
+    return SamplingSettings(args.sampler, args.steps, args.ddim_eta, args.scale, args.seed, args.fixed_code, args.schedule)
+
+
+def output_settings_from_args(args: argparse.Namespace) -> OutputSettings:
+    """Where and how the flags say results are written."""
+    if args.repeat != 1 and not args.from_file:
+        logger.warning("--repeat only applies to --from-file prompts")
+    return OutputSettings(
         outdir=args.outdir, n_samples=args.n_samples, n_iter=args.n_iter, n_rows=args.n_rows, skip_first=args.skip_first,
         time_file=args.time_file, stats_file=args.stats_file, watermark=not args.no_watermark, vae_slice_size=args.vae_slice_size,
     )
-    if args.repeat != 1 and not args.from_file:
-        logger.warning("--repeat only applies to --from-file prompts")
-    return model, sampling, output
 
 
 def check_latent_flags(args: argparse.Namespace, geometry) -> None:

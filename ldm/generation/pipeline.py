@@ -13,8 +13,8 @@ from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.settings import SamplingSettings
 from ldm.generation.tiling import decode_tiled
-from ldm.models.diffusion.samplers import SAMPLERS, make_sampler
-from ldm.models.diffusion.sampling import make_ddim_timesteps
+from ldm.models.diffusion.samplers import SAMPLERS
+from ldm.models.diffusion.sampling import SampleRequest, Sampler
 
 VAE_SLICE_PIXELS = 4 * 512 * 512  # automatic slice size: about 1 Mpixel per decoder call
 FP16_ADVICE = (
@@ -64,11 +64,21 @@ class Pipeline:
     default_prompt: ClassVar[str]
     families: ClassVar[tuple[str, ...]] = ("LatentDiffusion",)  # the model classes that serve the task
     family_config: ClassVar[str] = "configs/stable-diffusion/v2-inference.yaml"
-    samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)
     step_flags: ClassVar[tuple[str, ...]] = ("--steps",)  # the CLI's names for SamplingSettings.steps
     cli_defaults: ClassVar[dict[str, Any]] = {}  # the original script's or demo's defaults, by flag destination
     # The original's demos for some tasks draw the starting noise from np.random.RandomState(seed).
     numpy_start_code: ClassVar[bool] = False
+    default_eta: ClassVar[float | None] = None  # the original demo's eta, for samplers that take one
+
+    @classmethod
+    def accepts(cls, sampler: Sampler) -> bool:
+        """Whether the task can run with ``sampler`` (every sampler starts from noise)."""
+        return True
+
+    @classmethod
+    def samplers(cls) -> list[str]:
+        """The names of the samplers the task runs with, the original's default (DDIM) first."""
+        return [name for name, sampler in SAMPLERS.items() if cls.accepts(sampler)]
 
     def __new__(cls, model: Model, *args: Any, **kwargs: Any) -> "Pipeline":
         # Before any task's __init__ reads its inputs or its family's config entries.
@@ -86,10 +96,12 @@ class Pipeline:
         self.progress: Callable[[int, int], None] | None = None  # (steps done, steps in all), per step
         self.crop: tuple[int, int] | None = None  # output height and width, when the input was padded
         self.vae_tile_size: int | None = None  # decode in tiles of this many latent pixels (see ldm.generation.tiling)
+        self.sampler: Sampler = SAMPLERS[sampling.sampler]
+        self.schedule: str = sampling.schedule or self.sampler.schedules[0]
+        self.eta: float | None = self._resolve_eta()
         self._check_sampling()
         self.height, self.width = self.image_size()
         self.vae_slice_size = vae_slice_size or max(1, VAE_SLICE_PIXELS // (self.height * self.width))
-        self._sampler: Any = None
         self.start_code: torch.Tensor | None = None
         self._prng: np.random.RandomState | None = None
 
@@ -138,13 +150,18 @@ class Pipeline:
 
     def sample(self, c: Any, uc: Any, batch_size: int, watch: FiniteWatch) -> torch.Tensor:
         """Latents for one batch: the sampler's full run from noise."""
+        return self.sampler.sample(self.net, self.request(c, uc, batch_size, watch, noise=self._noise(batch_size)))
+
+    def request(self, c: Any, uc: Any, batch_size: int, watch: FiniteWatch, **start: Any) -> SampleRequest:
+        """What the sampler gets for one batch; ``start``: its noise, init latents and denoise steps."""
         s = self.sampling
-        samples, _ = self.sampler.sample(
-            S=s.steps, conditioning=c, batch_size=batch_size, shape=list(self.latent_shape), verbose=False,
-            unconditional_guidance_scale=s.scale, unconditional_conditioning=uc, eta=s.eta,
-            x_T=self._noise(batch_size), img_callback=watch, callback=self._step_done,
-        )
-        return samples
+
+        def step_done(i: int, latents: torch.Tensor) -> None:
+            watch(latents, i)
+            self._step_done(i)
+
+        return SampleRequest(cond=c, uncond=uc, scale=s.scale, steps=s.steps, shape=(batch_size, *self.latent_shape),
+                             eta=self.eta, schedule=self.schedule, callback=step_done, **start)
 
     def metadata(self) -> dict[str, Any]:
         """What a PNG of this task records beyond the shared settings."""
@@ -152,10 +169,18 @@ class Pipeline:
 
     @property
     def steps_per_batch(self) -> int:
-        """UNet steps one batch takes: a uniform DDIM/PLMS grid of S steps can hold S + 1."""
-        if self.sampling.sampler == "dpm":
-            return self.sampling.steps
-        return len(make_ddim_timesteps("uniform", self.sampling.steps, self.model.num_timesteps))
+        """Sampler steps one batch takes (its progress ticks): a uniform grid of S steps can hold S + 1."""
+        return self.sampler.run_steps(self.sampling.steps, self.schedule, self.model.num_timesteps)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the UNet runs cond and uncond as one doubled batch (not at scale 0 or 1)."""
+        return self.sampling.scale not in (0.0, 1.0)
+
+    @property
+    def unet_calls_per_batch(self) -> int:
+        """UNet evaluations one batch takes (each batching cond and uncond under guidance)."""
+        return self.sampler.unet_calls(self.steps_per_batch)
 
     # -- shared ---------------------------------------------------------------------------
     @property
@@ -167,26 +192,24 @@ class Pipeline:
         f = self.model.geometry.vae_factor
         return (self.model.geometry.channels, self.height // f, self.width // f)
 
-    @property
-    def sampler(self) -> Any:
-        if self._sampler is None:
-            self._sampler = make_sampler(self.sampling.sampler, self.net, self.model.device)
-            if self.sampling.sampler != "dpm":
-                self._sampler.make_schedule(ddim_num_steps=self.sampling.steps, ddim_eta=self.sampling.eta, verbose=False)
-        return self._sampler
+    def _resolve_eta(self) -> float | None:
+        """The eta given, else the task's (for samplers that take one), else the sampler's."""
+        if self.sampling.eta is not None:
+            return self.sampling.eta
+        if self.sampler.default_eta is None:
+            return None
+        return self.default_eta if self.default_eta is not None else self.sampler.default_eta
 
     def _check_sampling(self) -> None:
-        s = self.sampling
-        if s.sampler not in self.samplers:
-            raise UsageError(f"the {self.task} task samples with {' or '.join(self.samplers)}, not {s.sampler}")
-        if s.sampler == "plms" and s.eta != 0:
-            raise UsageError(f"--plms needs --ddim_eta 0 (got {s.eta})")
-        if s.sampler == "dpm":
-            if s.steps < 2:
-                raise UsageError(f"--dpm needs at least 2 --steps (got {s.steps})")
-            return
+        s, sampler = self.sampling, self.sampler
+        if not self.accepts(sampler):
+            raise UsageError(f"the {self.task} task cannot sample with {sampler.title} ({s.sampler}); choose one of {', '.join(self.samplers())}")
         try:
-            make_ddim_timesteps("uniform", s.steps, self.model.num_timesteps)
+            sampler.check(self.eta, self.schedule)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        try:
+            sampler.run_steps(s.steps, self.schedule, self.model.num_timesteps)
         except ValueError as e:
             raise UsageError(f"--steps {s.steps}: {e}") from None
 

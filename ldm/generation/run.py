@@ -27,7 +27,10 @@ from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.images import SAMPLE_NAME, ImageWriter, Watermarker, next_number, to_uint8
 from ldm.generation.memory import check_fits
 from ldm.generation.model import REPO_ROOT, SD2_CONFIG, Model
-from ldm.generation.options import DEMO_PROMPT, build_parser, check_latent_flags, check_output_paths, read_prompts, settings_from_args
+from ldm.generation.options import (
+    DEMO_PROMPT, build_parser, check_latent_flags, check_output_paths, model_settings_from_args, output_settings_from_args,
+    read_prompts, sampling_from_args,
+)
 from ldm.generation.pipeline import NonFiniteError, Pipeline
 from ldm.generation.settings import OutputSettings
 
@@ -152,10 +155,11 @@ def image_metadata(pipeline: Pipeline, seed_mode: str = "stream") -> dict[str, s
         "seed": s.seed,
         **({"seed_mode": seed_mode} if seed_mode != "stream" else {}),
         "sampler": s.sampler,
+        "schedule": pipeline.schedule,
         "steps": s.steps,
         "scale": s.scale,
         "size": f"{pipeline.width}x{pipeline.height}",
-        "eta": s.eta,
+        **({"eta": pipeline.eta} if pipeline.eta is not None else {}),
         "n_samples": pipeline.n_samples,
         "fixed_code": s.fixed_code,
         "precision": pipeline.model.computes_in,
@@ -179,7 +183,9 @@ def run_stats(pipeline: Pipeline, output: OutputSettings, timing: Timing) -> dic
         "torch": torch.__version__,
         "script": pipeline.task,
         "sampler": pipeline.sampling.sampler,
+        "schedule": pipeline.schedule,
         "steps": pipeline.sampling.steps,
+        "unet_calls_per_batch": pipeline.unet_calls_per_batch,
         "H": pipeline.height,
         "W": pipeline.width,
         "n_samples": pipeline.n_samples,
@@ -221,7 +227,7 @@ def prepare(args, task: str, seed_mode: str, session: Session) -> Prepared:
     """Check every input of ``task``'s parsed flags ``args``; every rank runs the same checks."""
     from ldm.generation.tasks import TASKS
 
-    model_settings, sampling, output = settings_from_args(args)
+    model_settings, output = model_settings_from_args(args), output_settings_from_args(args)
     task_class = TASKS[task]
     if model_settings.config is None and Path(task_class.family_config) != SD2_CONFIG:
         # Another family: its own config by default, and no demo model to fall back on.
@@ -230,6 +236,7 @@ def prepare(args, task: str, seed_mode: str, session: Session) -> Prepared:
         if model_settings.ckpt is None and not model_settings.random_weights:
             raise GenerationError(f"--ckpt is required for {task}: pass its checkpoint (with --config {task_class.family_config})")
     model = Model(model_settings)
+    sampling = sampling_from_args(args, task, model)
     if model.files.demo and session.is_main:
         print(
             f"Using the demo model ({_shown(model.files.config)}, prompts like {DEMO_PROMPT!r}); for Stable Diffusion 2 pass "
@@ -241,7 +248,7 @@ def prepare(args, task: str, seed_mode: str, session: Session) -> Prepared:
     batches = read_prompts(args.prompt, args.from_file, output.n_samples, default_prompt, args.repeat)
     check_output_paths(output)
     pipeline.vae_tile_size = args.vae_tile_size
-    check_fits(pipeline, guided=sampling.scale != 1.0)
+    check_fits(pipeline, guided=pipeline.guided)
     if hasattr(pipeline, "t_enc") and session.is_main:
         logger.info("%s: the init image is noised by %d of %d steps, then denoised", task, pipeline.t_enc, sampling.steps)
     writer = ImageWriter(output.outdir, Watermarker(output.watermark), image_metadata(pipeline, seed_mode))

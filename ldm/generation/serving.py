@@ -104,7 +104,7 @@ class ModelServer:
             pipeline = TASKS[task](self.model, sampling, *inputs, n_samples=n_samples, **options)
         except ValueError as e:  # a pipeline's own argument check
             raise UsageError(str(e)) from None
-        check_fits(pipeline, guided=sampling.scale != 1.0)
+        check_fits(pipeline, guided=pipeline.guided)
         return pipeline
 
     def run(self, pipeline: Pipeline, prompt: str, progress: Callable[[int, int], None] | None = None) -> Generated:

@@ -47,19 +47,40 @@ class ModelSettings:
 
 @dataclass
 class SamplingSettings:
-    """The sampler and its parameters; ``seed`` makes a run reproducible."""
+    """The sampler and its parameters; ``seed`` makes a run reproducible.
+
+    ``sampler`` takes any name or AUTOMATIC1111 spelling (``"DPM++ 2M Karras"`` also sets the
+    schedule); ``schedule`` None is the sampler's default, ``eta`` None the task's or the sampler's
+    (0 for DDIM, 1 for ancestral and SDE samplers; deterministic samplers take none). A scale of 1 is
+    no guidance (the conditional prediction alone), as in the original formula.
+    """
 
     sampler: str = "ddim"
     steps: int = 50
-    eta: float = 0.0
+    eta: float | None = None
     scale: float = 9.0
     seed: int = 42
     fixed_code: bool = False
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
+        from ldm.models.diffusion.samplers import SAMPLERS, parse_sampler
+        from ldm.models.diffusion.schedules import schedule_named
+
         for name in ("eta", "scale"):
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"{name} must be a finite number, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value}")
+        try:
+            self.sampler, named = parse_sampler(self.sampler)
+            if self.schedule is not None and self.schedule not in SAMPLERS[self.sampler].schedules:
+                self.schedule = schedule_named(self.schedule).name
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if named is not None:
+            if self.schedule not in (None, named):
+                raise UsageError(f"the sampler {self.sampler} names the {named} schedule, and the schedule given is {self.schedule}")
+            self.schedule = named
 
 
 @dataclass

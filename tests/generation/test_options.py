@@ -10,35 +10,116 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from omegaconf import OmegaConf
+
 from conftest import CONFIGS
 from ldm.generation import options
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.settings import ModelSettings, SamplingSettings
 from ldm.generation.tasks import Txt2ImgPipeline
+from ldm.models.diffusion.samplers import SAMPLERS
 
 ORIGINAL_TXT2IMG_DEFAULTS = {
-    "outdir": "outputs/txt2img-samples", "steps": 50, "plms": False, "dpm": False, "fixed_code": False, "ddim_eta": 0.0,
+    "outdir": "outputs/txt2img-samples", "steps": 50, "sampler": "ddim", "fixed_code": False, "ddim_eta": None,
     "n_iter": 3, "n_samples": 3, "n_rows": 0, "scale": 9.0, "from_file": None, "repeat": 1, "seed": 42,
     "precision": "autocast", "bf16": False,
 }  # fmt: skip
 
 
-def test_txt2img_flags_keep_the_original_names_and_defaults():
-    args = options.build_parser("txt2img").parse_args([])
+def parsed(task: str, argv: list[str], model: Model):
+    """The flags of ``task`` with the defaults filled in for ``model``, and their sampling settings."""
+    args = options.build_parser(task).parse_args(argv)
+    return args, options.sampling_from_args(args, task, model)
+
+
+def test_txt2img_flags_keep_the_original_names_and_defaults(sd2_model):
+    args, sampling = parsed("txt2img", [], sd2_model)
     for name, value in ORIGINAL_TXT2IMG_DEFAULTS.items():
         assert getattr(args, name) == value, name
     assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
     # --H/--W/--C/--f default to the model's own sizes (512, 512, 4, 8 for SD2 base).
     assert (args.H, args.W, args.C, args.f) == (None, None, None, None)
     assert (args.attention, args.compile, args.skip_first, args.time_file, args.vae_slice_size) == ("sdpa", False, False, None, None)
+    # The original's DDIM at eta 0.
+    pipeline = Txt2ImgPipeline(sd2_model, sampling)
+    assert (pipeline.sampler.name, pipeline.schedule, pipeline.eta) == ("ddim", "uniform", 0.0)
 
 
-def test_img2img_flags_keep_the_original_defaults():
-    args = options.build_parser("img2img").parse_args(["--init-img", "x.png", "--ddim_steps", "7"])
+def test_img2img_flags_keep_the_original_defaults(sd2_model):
+    args, _ = parsed("img2img", ["--init-img", "x.png", "--ddim_steps", "7"], sd2_model)
     assert (args.init_img, args.steps, args.strength, args.n_iter, args.n_samples) == ("x.png", 7, 0.8, 1, 2)
     assert args.outdir == "outputs/img2img-samples"
-    assert not hasattr(args, "plms") and not hasattr(args, "H")
+    assert not hasattr(args, "H")
+    # img2img offers the samplers that can start part way (not PLMS nor the original DPM-Solver).
+    with pytest.raises(SystemExit):
+        options.build_parser("img2img").parse_args(["--init-img", "x.png", "--plms"])
+
+
+@pytest.mark.parametrize("argv, sampler, schedule", [
+    (["--plms"], "plms", "uniform"),
+    (["--dpm"], "dpm", "time_uniform"),
+    (["--sampler", "DPM++ 2M Karras"], "dpmpp_2m", "karras"),
+    (["--sampler", "dpmpp_2m"], "dpmpp_2m", "karras"),
+    (["--sampler", "Euler a", "--schedule", "sgm_uniform"], "euler_ancestral", "trailing"),
+    (["--sampler", "k_dpmpp_2m_sde"], "dpmpp_2m_sde", "exponential"),
+])  # fmt: skip
+def test_sampler_and_schedule_flags(sd2_model, argv, sampler, schedule):
+    _, sampling = parsed("txt2img", argv, sd2_model)
+    pipeline = Txt2ImgPipeline(sd2_model, sampling)
+    assert (pipeline.sampler.name, pipeline.schedule) == (sampler, schedule)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "DPM++ 2M Karras", "--schedule", "exponential"], "names the karras schedule"),
+    (["--sampler", "ddim", "--schedule", "karras"], "DDIM runs on the uniform schedule, not karras"),
+    (["--dpm", "--steps", "1"], "takes 2 to 1000 steps"),
+    (["--plms", "--ddim_eta", "0.5"], "PLMS takes no eta"),
+    (["--sampler", "euler", "--ddim_eta", "1"], "Euler takes no eta"),
+    (["--sampler", "euler", "--schedule", "turbo", "--steps", "5"], "turbo schedule takes 1 to 4 steps"),
+    (["--steps", "501"], "nearest step counts"),
+])  # fmt: skip
+def test_sampling_settings_that_cannot_run_are_usage_errors(sd2_model, argv, message):
+    with pytest.raises(UsageError, match=message):
+        _, sampling = parsed("txt2img", argv, sd2_model)
+        Txt2ImgPipeline(sd2_model, sampling)
+
+
+def test_an_unknown_sampler_is_a_usage_error_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        options.build_parser("txt2img").parse_args(["--sampler", "DPM++ 9M"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown sampler 'DPM++ 9M'" in err and "dpmpp_2m (DPM++ 2M)" in err
+
+
+def test_eta_defaults_per_sampler_and_task(sd2_model):
+    from ldm.generation.tasks import InpaintPipeline
+
+    def eta(sampler, pipeline=Txt2ImgPipeline, given=None):
+        return pipeline._resolve_eta.__get__(type("P", (), {"sampling": SamplingSettings(sampler, eta=given),
+                                                            "sampler": SAMPLERS[sampler], "default_eta": pipeline.default_eta})())()
+
+    assert (eta("ddim"), eta("euler_ancestral"), eta("dpmpp_2m_sde"), eta("euler"), eta("plms")) == (0.0, 1.0, 1.0, None, None)
+    assert (eta("ddim", InpaintPipeline), eta("euler", InpaintPipeline), eta("ddim", InpaintPipeline, 0.3)) == (1.0, None, 0.3)
+
+
+def test_model_config_sampling_defaults_yield_to_flags(tmp_path):
+    config = OmegaConf.load(CONFIGS / "v2-inference.yaml")
+    config.sampling = {"sampler": "euler_ancestral", "schedule": "trailing", "steps": 1, "scale": 1.0,
+                       "img2img": {"steps": 2, "strength": 0.5}}
+    OmegaConf.save(config, tmp_path / "turbo-like.yaml")
+    model = Model(ModelSettings(config=tmp_path / "turbo-like.yaml", random_weights=True, device="cpu"))
+    args, sampling = parsed("txt2img", [], model)
+    assert (sampling.sampler, sampling.schedule, sampling.steps, sampling.scale) == ("euler_ancestral", "trailing", 1, 1.0)
+    args, sampling = parsed("img2img", ["--init-img", "x.png"], model)
+    assert (sampling.steps, args.strength, sampling.scale) == (2, 0.5, 1.0)
+    args, sampling = parsed("txt2img", ["--steps", "4", "--scale", "2", "--plms"], model)
+    assert (sampling.sampler, sampling.steps, sampling.scale) == ("plms", 4, 2.0)
+    config.sampling = {"sampler": "euler", "cfg": 7}
+    OmegaConf.save(config, tmp_path / "bad.yaml")
+    bad = Model(ModelSettings(config=tmp_path / "bad.yaml", random_weights=True, device="cpu"))
+    with pytest.raises(GenerationError, match=r"unknown sampling defaults \['cfg'\]"):
+        parsed("txt2img", [], bad)
 
 
 @pytest.mark.parametrize(

@@ -199,7 +199,7 @@ BAD_INPUTS = {
     "f": (["--f", "4"], 2, "--f 4: this model's autoencoder downsamples by 8"),
     "all_backends": (["--disable_flash", "--disable_mem_efficient", "--disable_math"], 2, "leave SDPA no backend"),
     "cpu_backends": (["--disable_flash", "--disable_math"], 2, "on the CPU, SDPA has only the flash and math backends"),
-    "plms_eta": (["--plms", "--ddim_eta", "0.5"], 2, "--plms needs --ddim_eta 0"),
+    "plms_eta": (["--plms", "--ddim_eta", "0.5"], 2, "PLMS takes no eta"),
     "steps_schedule": (["--steps", "3"], 2, "--steps 3: "),  # 1000 // 3 spaced steps end past timestep 999
     "ckpt_missing": (["--ckpt", "{tmp}/absent.ckpt"], 1, "absent.ckpt: no such file"),
     "ckpt_corrupt": (["--ckpt", "{corrupt}"], 1, "is not a readable safetensors file"),

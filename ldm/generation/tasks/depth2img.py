@@ -13,7 +13,6 @@ import torch
 from ldm.generation.argtypes import unit_interval
 from ldm.generation.images import demo_padding, load_depth_map, load_padded_image
 from ldm.generation.model import Model
-from ldm.generation.pipeline import FiniteWatch
 from ldm.generation.settings import SamplingSettings
 from ldm.generation.tasks.img2img import Img2ImgPipeline
 
@@ -49,12 +48,11 @@ class Depth2ImgPipeline(Img2ImgPipeline):
         c_cat = self.c_cat[: len(prompts)]
         return {"c_concat": [c_cat], "c_crossattn": [c]}, None if uc is None else {"c_concat": [c_cat], "c_crossattn": [uc]}
 
-    def sample(self, c: Any, uc: Any, batch_size: int, watch: FiniteWatch) -> torch.Tensor:
-        if self.strength < 1.0:
-            return super().sample(c, uc, batch_size, watch)
-        z = torch.randn_like(self.init_latent[:batch_size])  # the demo's full sample: pure noise at the last step
-        return self.sampler.decode(z, c, self.t_enc, unconditional_guidance_scale=self.sampling.scale,
-                                   unconditional_conditioning=uc, callback=self._step_done)
+    def start_from(self, batch_size: int) -> dict[str, Any]:
+        start = super().start_from(batch_size)
+        if self.strength >= 1.0:  # the demo's full sample: pure noise, the image kept only in its depth
+            start["init"] = None
+        return start
 
     def metadata(self) -> dict[str, Any]:
         return {"image": self.image_path.name, "strength": self.strength, "depth_map": self.depth_name or "MiDaS"}
@@ -62,8 +60,8 @@ class Depth2ImgPipeline(Img2ImgPipeline):
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--image", type=str, required=True, help="the input image, whose depth the result keeps")
-        parser.add_argument("--strength", type=unit_interval, default=0.9,
-                            help="how much the image is noised; 1.0 starts from pure noise, keeping only the depth (default: %(default)s)")
+        parser.add_argument("--strength", type=unit_interval, default=None,
+                            help="how much the image is noised; 1.0 starts from pure noise, keeping only the depth (default: 0.9, or the model config's)")
         parser.add_argument("--depth-map", dest="depth_map", type=str, default=None,
                             help="a greyscale depth image (brighter = nearer) to use instead of MiDaS' estimate")
 

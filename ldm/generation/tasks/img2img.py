@@ -14,6 +14,7 @@ from ldm.generation.images import load_init_image
 from ldm.generation.model import Model
 from ldm.generation.pipeline import FiniteWatch, Pipeline
 from ldm.generation.settings import SamplingSettings
+from ldm.models.diffusion.sampling import Sampler
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
@@ -22,9 +23,8 @@ class Img2ImgPipeline(Pipeline):
 
     task = "img2img"
     default_prompt = "a painting of a virus monster playing guitar"
-    samplers = ("ddim",)
     step_flags = ("--steps", "--ddim_steps")  # the original img2img's name kept as an alias
-    cli_defaults = {"n_samples": 2, "n_iter": 1}
+    cli_defaults = {"strength": 0.8, "n_samples": 2, "n_iter": 1}
     image_flag = "--init-img"
 
     def __init__(self, model: Model, sampling: SamplingSettings, init_image: str | Path | torch.Tensor,
@@ -41,13 +41,15 @@ class Img2ImgPipeline(Pipeline):
     def image_size(self) -> tuple[int, int]:
         return tuple(self.init_image.shape[2:])
 
+    @classmethod
+    def accepts(cls, sampler: Sampler) -> bool:
+        return sampler.starts_midway
+
     @property
     def t_enc(self) -> int:
-        """The DDIM step the init latent is noised to, and the steps then denoised.
-
-        At most steps - 1: the schedule has no step ``steps`` (the original fails at strength 1.0).
-        """
-        return min(int(self.strength * self.sampling.steps), self.sampling.steps - 1)
+        """The steps denoised, the last ``t_enc`` of the schedule (the sampler's rule for ``strength``:
+        DDIM's original one stops at steps - 1, the k-samplers' is diffusers' int(strength * steps))."""
+        return self.sampler.denoise_steps(self.sampling.steps, self.strength)
 
     @property
     def steps_per_batch(self) -> int:
@@ -62,11 +64,12 @@ class Img2ImgPipeline(Pipeline):
         self.noise = torch.randn_like(self.init_latent) if self.sampling.fixed_code else None
 
     def sample(self, c: Any, uc: Any, batch_size: int, watch: FiniteWatch) -> torch.Tensor:
-        t = torch.tensor([self.t_enc] * batch_size).to(self.model.device)
+        return self.sampler.sample(self.net, self.request(c, uc, batch_size, watch, **self.start_from(batch_size)))
+
+    def start_from(self, batch_size: int) -> dict[str, Any]:
+        """Where sampling starts: the init latents noised by the strength's share of the steps."""
         noise = None if self.noise is None else self.noise[:batch_size]
-        z = self.sampler.stochastic_encode(self.init_latent[:batch_size], t, noise=noise)
-        return self.sampler.decode(z, c, self.t_enc, unconditional_guidance_scale=self.sampling.scale,
-                                   unconditional_conditioning=uc, callback=self._step_done)
+        return {"init": self.init_latent[:batch_size], "noise": noise, "denoise_steps": self.t_enc}
 
     def metadata(self) -> dict[str, Any]:
         return {"init_image": self.image_path.name if self.image_path else "tensor", "strength": self.strength}
@@ -74,8 +77,8 @@ class Img2ImgPipeline(Pipeline):
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
-        parser.add_argument("--strength", type=unit_interval, default=0.8,
-                            help="how much the init image is noised, 1.0 destroys it entirely (default: %(default)s)")
+        parser.add_argument("--strength", type=unit_interval, default=None,
+                            help="how much the init image is noised, 1.0 destroys it entirely (default: 0.8, or the model config's)")
 
     @classmethod
     def from_args(cls, model: Model, sampling: SamplingSettings, n_samples: int, vae_slice_size: int | None,

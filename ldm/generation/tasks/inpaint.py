@@ -23,7 +23,8 @@ class InpaintPipeline(Pipeline):
     families = ("LatentInpaintDiffusion",)
     family_config = "configs/stable-diffusion/v2-inpainting-inference.yaml"
     numpy_start_code = True
-    cli_defaults = {"steps": 45, "scale": 10.0, "ddim_eta": 1.0, "n_samples": 4}
+    default_eta = 1.0
+    cli_defaults = {"steps": 45, "scale": 10.0, "n_samples": 4}
 
     def __init__(self, model: Model, sampling: SamplingSettings, image: str | Path, mask: str | Path,
                  n_samples: int = 1, vae_slice_size: int | None = None):

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.sampling import DDIMSchedule, GuidedModel
+from ldm.models.diffusion.sampling import DDIMSchedule, GuidedModel, SampleRequest, Sampler
 
 
 def _unsupported(**options: Any) -> None:
@@ -124,9 +124,10 @@ class DDIMSampler:
     @torch.no_grad()
     def decode(
         self, x_latent: torch.Tensor, cond, t_start: int, unconditional_guidance_scale: float = 1.0,
-        unconditional_conditioning=None, use_original_steps: bool = False, callback=None,
+        unconditional_conditioning=None, use_original_steps: bool = False, callback=None, img_callback=None,
     ) -> torch.Tensor:
-        """Denoise ``x_latent`` from DDIM step ``t_start`` down to a clean latent."""
+        """Denoise ``x_latent`` from DDIM step ``t_start`` down to a clean latent; ``img_callback(x, i)``
+        (not in the original) sees the latents after each step."""
         self._require_schedule()
         if use_original_steps:
             raise NotImplementedError("decode with use_original_steps is not supported")
@@ -137,4 +138,43 @@ class DDIMSampler:
             x, _ = self.ddim_update(guided, x, self.schedule.timestep_tensor[index].expand(x.shape[0]), index)
             if callback:
                 callback(i)
+            if img_callback:
+                img_callback(x, i)
         return x
+
+
+def _step_callback(request: SampleRequest):
+    """The original samplers' ``img_callback(x, i)`` as a request's ``callback(i, x)``."""
+    return None if request.callback is None else (lambda x, i: request.callback(i, x))
+
+
+class DDIM(Sampler):
+    """The original DDIM behind the sampler interface: the uniform grid, eta, and img2img as the
+    original scripts run it (``stochastic_encode`` to step ``t_enc``, then ``decode``)."""
+
+    name = "ddim"
+    title = "DDIM"
+    default_eta = 0.0
+    starts_midway = True
+
+    def denoise_steps(self, steps: int, strength: float) -> int:
+        # The grid has no step ``steps``: the original fails at strength 1.0, this stops one short.
+        return min(int(strength * steps), steps - 1)
+
+    def sample(self, model, request: SampleRequest) -> torch.Tensor:
+        r, sampler, eta = request, DDIMSampler(model), request.eta or 0.0
+        if r.denoise_steps is None:
+            samples, _ = sampler.sample(
+                S=r.steps, batch_size=r.shape[0], shape=tuple(r.shape[1:]), conditioning=r.cond, eta=eta, x_T=r.noise,
+                unconditional_guidance_scale=r.scale, unconditional_conditioning=r.uncond, verbose=False,
+                img_callback=_step_callback(r),
+            )
+            return samples
+        sampler.make_schedule(r.steps, ddim_eta=eta, verbose=False)
+        if r.init is not None:
+            t = torch.full((r.shape[0],), r.denoise_steps, dtype=torch.long, device=model.device)
+            z = sampler.stochastic_encode(r.init, t, noise=r.noise)
+        else:  # pure noise at step t_enc (the depth demo's full sample)
+            z = r.noise if r.noise is not None else torch.randn(r.shape, device=model.device)
+        return sampler.decode(z, r.cond, r.denoise_steps, unconditional_guidance_scale=r.scale,
+                              unconditional_conditioning=r.uncond, img_callback=_step_callback(r))

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import _unsupported
-from ldm.models.diffusion.sampling import GuidedModel, eps_from_v
+from ldm.models.diffusion.ddim import _step_callback, _unsupported
+from ldm.models.diffusion.sampling import GuidedModel, SampleRequest, Sampler, eps_from_v
 
 
 class DiscreteVPSchedule:
@@ -117,3 +117,26 @@ class DPMSolverSampler:
             if img_callback:
                 img_callback(x, i - 1)
         return x, None
+
+
+class DPMSolver(Sampler):
+    """The original SD2 DPM-Solver++ (2M) behind the sampler interface: its own time-uniform grid,
+    from noise only (for DPM++ 2M on another schedule, or for img2img, see ``dpmpp_2m``)."""
+
+    name = "dpm"
+    title = "DPM-Solver++ (2M)"
+    schedules = ("time_uniform",)
+
+    def run_steps(self, steps: int, schedule: str, num_timesteps: int) -> int:
+        if not 2 <= steps <= num_timesteps:
+            raise ValueError(f"{self.title} takes 2 to {num_timesteps} steps, got {steps}")
+        return steps
+
+    def sample(self, model, request: SampleRequest) -> torch.Tensor:
+        r = request
+        samples, _ = DPMSolverSampler(model).sample(
+            r.steps, r.shape[0], tuple(r.shape[1:]), conditioning=r.cond, x_T=r.noise,
+            unconditional_guidance_scale=r.scale, unconditional_conditioning=r.uncond, verbose=False,
+            img_callback=_step_callback(r),
+        )
+        return samples

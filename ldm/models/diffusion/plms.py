@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler, _unsupported
-from ldm.models.diffusion.sampling import GuidedModel
+from ldm.models.diffusion.ddim import DDIMSampler, _step_callback, _unsupported
+from ldm.models.diffusion.sampling import GuidedModel, SampleRequest, Sampler
 
 
 def plms_combine(e_t: torch.Tensor, old_eps: list[torch.Tensor]) -> torch.Tensor:
@@ -62,3 +62,22 @@ class PLMSSampler(DDIMSampler):
             return schedule.step(x, e_t_prime, index, None, temperature, noise_dropout)
 
         return self.sampling_loop(img, step, callback, img_callback, mask, x0, log_every_t, "PLMS Sampler")
+
+
+class PLMS(Sampler):
+    """The original PLMS behind the sampler interface: the uniform grid, from noise only."""
+
+    name = "plms"
+    title = "PLMS"
+
+    def unet_calls(self, run_steps: int) -> int:
+        return run_steps + 1  # the first step's pseudo improved-Euler evaluation
+
+    def sample(self, model, request: SampleRequest) -> torch.Tensor:
+        r = request
+        samples, _ = PLMSSampler(model).sample(
+            S=r.steps, batch_size=r.shape[0], shape=tuple(r.shape[1:]), conditioning=r.cond, x_T=r.noise,
+            unconditional_guidance_scale=r.scale, unconditional_conditioning=r.uncond, verbose=False,
+            img_callback=_step_callback(r),
+        )
+        return samples

@@ -176,13 +176,13 @@ class Sampler:
     starts_midway: ClassVar[bool] = False
     calls_per_step: ClassVar[int] = 1  # UNet evaluations per step; 2: second order (the last step to 0 takes one)
 
-    def check(self, steps: int, eta: float | None, schedule: str, num_timesteps: int) -> None:
-        """ValueError, saying why, for settings this sampler cannot run."""
+    def check(self, eta: float | None, schedule: str) -> None:
+        """ValueError, saying why, for an eta or schedule this sampler cannot run with (the step count
+        is :meth:`run_steps`'s to check)."""
         if schedule not in self.schedules:
             raise ValueError(f"{self.title} runs on the {' or '.join(self.schedules)} schedule, not {schedule}")
         if self.default_eta is None and eta:
-            raise ValueError(f"{self.title} is deterministic: eta applies to DDIM, ancestral and SDE samplers only")
-        self.run_steps(steps, schedule, num_timesteps)
+            raise ValueError(f"{self.title} takes no eta (DDIM, the ancestral and the SDE samplers do), got {eta}")
 
     def run_steps(self, steps: int, schedule: str, num_timesteps: int) -> int:
         """The steps (progress ticks) of a whole run of ``steps``; ValueError if it cannot be run."""
