@@ -260,11 +260,16 @@ def _depth_model_note(missing: set[str], unexpected: set[str]) -> str | None:
 _X4 = ("the SD2 x4 upscaler", "x4-upscaling.yaml")
 _UNCLIP_L = ("Stable unCLIP-L", "v2-1-stable-unclip-l-inference.yaml")
 _UNCLIP_H = ("Stable unCLIP-H", "v2-1-stable-unclip-h-inference.yaml")
+# Stability's generative-models ("sgm") layout, SD-Turbo's single file: the text encoder under
+# conditioner.embedders.0, the noise levels as denoiser.sigmas, no schedule buffers.
+_SGM_KEYS = ("conditioner.embedders.", "denoiser.sigmas")
+_SGM = ("SD-Turbo in the generative-models layout (conditioner.embedders.0.*, denoiser.sigmas)", "sd-turbo.yaml")
+_TEXT_TO_IMAGE = UNET_INPUT_FAMILIES[4][2]
 
 
 def _family_hint(missing: set[str], unexpected: set[str]) -> str | None:
-    """The config that a checkpoint of the x4 or unCLIP family needs, or, when the config is of
-    such a family and the checkpoint lacks its tensors, what the checkpoint more likely is."""
+    """The config that a checkpoint of the x4, unCLIP or SD-Turbo family needs, or, when the config is
+    of such a family and the checkpoint lacks its tensors, what the checkpoint more likely is."""
 
     def has(keys: set[str], *prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
@@ -277,15 +282,22 @@ def _family_hint(missing: set[str], unexpected: set[str]) -> str | None:
         has(missing, "embedder.model.transformer.") and not has(missing, "embedder.model.visual.")
     ):
         family = _UNCLIP_H  # its own keys, or the -L config's text transformer alone missing
+    elif has(unexpected, *_SGM_KEYS):
+        family = _SGM
+    elif has(missing, *_SGM_KEYS) and has(unexpected, "cond_stage_model."):
+        return (
+            f"The config is for {_SGM[0]}, and the checkpoint is in the original layout (cond_stage_model.*, "
+            f"schedule buffers); an SD2 text-to-image checkpoint needs {_TEXT_TO_IMAGE}."
+        )
     elif has(missing, "low_scale_model.", "embedder.", "noise_augmentor."):
         expected = _X4[0] if has(missing, "low_scale_model.") else "Stable unCLIP"
         return (
             f"The config is for {expected}, and the checkpoint lacks that family's tensors; a text-to-image "
-            "checkpoint needs configs/stable-diffusion/v2-inference.yaml (512, eps) or v2-inference-v.yaml (768, v)."
+            f"checkpoint needs {_TEXT_TO_IMAGE}."
         )
     else:
         return None
-    return f"This is a {family[0]} checkpoint: use configs/stable-diffusion/{family[1]} (or its _native_mha twin)."
+    return f"This is a checkpoint of {family[0]}: use configs/stable-diffusion/{family[1]} (or its _native_mha twin)."
 
 
 def apply_state_dict(

@@ -101,6 +101,13 @@ def model(parameterization, tiny_eps_model, tiny_v_model):
     return tiny_eps_model if parameterization == "eps" else tiny_v_model
 
 
+def tiny_sgm_config(native_mha: bool = False):
+    """The tiny config with SD-Turbo's model class (the generative-models layout of sd-turbo.yaml)."""
+    cfg = tiny_config(native_mha=native_mha)
+    cfg.model.target = OmegaConf.load(CONFIGS / "sd-turbo.yaml").model.target
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_eps_model():
     return tiny_model("eps")

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # A task appears once ``TASKS`` has it: a new task is one name here and its pipeline in tasks/.
 FAMILY_TASKS: dict[str, tuple[str, ...]] = {
     "LatentDiffusion": ("txt2img", "img2img"),
+    "SGMLatentDiffusion": ("txt2img", "img2img"),
     "LatentInpaintDiffusion": ("inpaint",),
     "LatentDepth2ImageDiffusion": ("depth2img",),
     "LatentUpscaleDiffusion": ("upscale",),

@@ -385,7 +385,8 @@ def test_browser_paints_a_mask_in_the_page_and_inpaints(browser, tiny_files, ini
 
 
 def test_served_tasks_follow_the_model_family():
-    expected = [("LatentDiffusion", ["txt2img", "img2img"]), ("LatentInpaintDiffusion", ["inpaint"]),
+    expected = [("LatentDiffusion", ["txt2img", "img2img"]), ("SGMLatentDiffusion", ["txt2img", "img2img"]),
+                ("LatentInpaintDiffusion", ["inpaint"]),
                 ("LatentDepth2ImageDiffusion", ["depth2img"]), ("LatentUpscaleDiffusion", ["upscale"]),
                 ("ImageEmbeddingConditionedLatentDiffusion", ["variations"]), ("Unknown", [])]
     for target, tasks in expected:

@@ -22,6 +22,7 @@ class Img2ImgPipeline(Pipeline):
     """Image to image with Stable Diffusion 2: noise the init image, then denoise it under the prompt."""
 
     task = "img2img"
+    families = ("LatentDiffusion", "SGMLatentDiffusion")
     default_prompt = "a painting of a virus monster playing guitar"
     step_flags = ("--steps", "--ddim_steps")  # the original img2img's name kept as an alias
     cli_defaults = {"strength": 0.8, "n_samples": 2, "n_iter": 1}

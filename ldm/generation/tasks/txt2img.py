@@ -35,6 +35,7 @@ class Txt2ImgPipeline(Pipeline):
     """Text to image with Stable Diffusion 2."""
 
     task = "txt2img"
+    families = ("LatentDiffusion", "SGMLatentDiffusion")
     default_prompt = "a professional photograph of an astronaut riding a triceratops"
     cli_defaults = {"n_samples": 3, "n_iter": 3}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -84,6 +84,9 @@ class LatentDiffusion(nn.Module):
     itself lives in :mod:`ldm.training`.
     """
 
+    # Whether the schedule buffers are state-dict keys: the original's files hold them.
+    persistent_schedule: ClassVar[bool] = True
+
     def __init__(
         self,
         first_stage_config: Mapping[str, Any],
@@ -150,8 +153,9 @@ class LatentDiffusion(nn.Module):
         linear_start: float = 1e-4,
         linear_end: float = 2e-2,
         cosine_s: float = 8e-3,
-    ) -> None:
-        """The DDPM schedule as float32 buffers, computed in float64 as the original does."""
+    ) -> dict[str, np.ndarray]:
+        """The DDPM schedule as float32 buffers, computed in float64 as the original does;
+        returns the float64 arrays, by buffer name."""
         if given_betas is not None:
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
@@ -167,7 +171,8 @@ class LatentDiffusion(nn.Module):
             posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
         )
-        register_schedule_buffers(self, schedule)
+        register_schedule_buffers(self, schedule, persistent=self.persistent_schedule)
+        return schedule
 
     @property
     def device(self) -> torch.device:

@@ -57,11 +57,12 @@ def diffusion_schedule(betas: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def register_schedule_buffers(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+def register_schedule_buffers(module: nn.Module, arrays: dict[str, np.ndarray], persistent: bool = True) -> None:
     """Register ``arrays`` as float32 buffers explicitly on the CPU, so that a model built on
-    ``meta`` still has its schedule (the checkpoint, when it holds them, overwrites them)."""
+    ``meta`` still has its schedule (the checkpoint, when it holds them, overwrites them);
+    ``persistent=False`` keeps them out of the state dict, for layouts whose files lack them."""
     for name, value in arrays.items():
-        module.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
+        module.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"), persistent=persistent)
 
 
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
