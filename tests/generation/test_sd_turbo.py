@@ -1,7 +1,8 @@
 """SD-Turbo's sampling against diffusers' StableDiffusionPipeline and StableDiffusionImg2ImgPipeline,
 as its model card runs them (``guidance_scale=0.0``, trailing timesteps), on identical random weights:
 our txt2img and img2img pipelines with Euler ancestral and Euler at 1 and 4 steps (and img2img at
-2 steps, strength 0.5), through the same code the scripts use.
+2 steps, strength 0.5), through the same code the scripts use, on a tiny model in SD-Turbo's
+generative-models layout whose config carries sd-turbo.yaml's ``sampling:`` defaults.
 
 The same random numbers on both sides: ours come from the global generator seeded as a run seeds it
 (the starting noise first, as the original draws it, then each ancestral step's); diffusers' from a
@@ -21,7 +22,11 @@ import math
 import pytest
 import torch
 
-from conftest import diffusers_unet_twin, diffusers_vae_twin, rel_err, tiny_config
+from omegaconf import OmegaConf
+
+from conftest import CONFIGS, diffusers_unet_twin, diffusers_vae_twin, randomize_, rel_err, tiny_config, tiny_sgm_config
+from ldm.checkpoint import save_state_dict
+from ldm.generation import options
 from ldm.generation.model import Model
 from ldm.generation.run import render
 from ldm.generation.settings import ModelSettings, SamplingSettings
@@ -32,10 +37,30 @@ SEED, PROMPT = 7, "a photograph of a red fox"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_files) -> Model:
-    model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu", precision="full"))
+def model(tmp_path_factory) -> Model:
+    """A tiny SD-Turbo: the tiny SD2 structure in sd-turbo.yaml's class and layout, with its sampling defaults."""
+    from ldm.loading import build_model
+
+    folder = tmp_path_factory.mktemp("sd-turbo")
+    config = tiny_sgm_config()
+    config.sampling = OmegaConf.load(CONFIGS / "sd-turbo.yaml").sampling
+    OmegaConf.save(config, folder / "tiny-sd-turbo.yaml")
+    save_state_dict(randomize_(build_model(config, "cpu"), seed=3).state_dict(), folder / "tiny-sd-turbo.safetensors")
+    model = Model(ModelSettings(config=folder / "tiny-sd-turbo.yaml", ckpt=folder / "tiny-sd-turbo.safetensors",
+                                device="cpu", precision="full"))
     model.load()
     return model
+
+
+def test_the_scripts_default_to_sd_turbos_sampling(model):
+    """No flags: 1 step of Euler ancestral on the trailing schedule without guidance; img2img 2 steps at 0.5."""
+    args = options.build_parser("txt2img").parse_args([])
+    assert options.sampling_from_args(args, "txt2img", model) == SamplingSettings("euler_ancestral", 1, None, 1.0, schedule="trailing")
+    args = options.build_parser("img2img").parse_args(["--init-img", "x.png"])
+    sampling = options.sampling_from_args(args, "img2img", model)
+    assert (sampling.sampler, sampling.steps, sampling.scale, args.strength) == ("euler_ancestral", 2, 1.0, 0.5)
+    pipeline = Txt2ImgPipeline(model, SamplingSettings("euler_ancestral", 1, scale=1.0, schedule="trailing"))
+    assert (pipeline.eta, pipeline.guided, pipeline.steps_per_batch, pipeline.unet_calls_per_batch) == (1.0, False, 1, 1)
 
 
 def diffusers_scheduler(sampler: str, timesteps: list[int] | None = None):
