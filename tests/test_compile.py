@@ -81,3 +81,28 @@ def test_compiled_unet_matches_eager(unets):
         actual = compiled(x, t, context)
     scale = expected.abs().max().item()
     assert (actual - expected).abs().max().item() <= 1e-4 * scale
+
+
+def test_every_sampler_runs_a_compiled_unet_without_breaks_or_recompiles(guidance_inputs):
+    """A whole run of each sampler through one compiled UNet (fullgraph: a break fails): it compiles at
+    most once per timestep dtype (DDIM and PLMS pass integer timesteps, the rest fractional ones) and
+    never again, whatever the sampler, step or schedule. Dynamo alone is what is tested (backend eager)."""
+    from torch._dynamo.utils import counters
+
+    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.models.diffusion.sampling import SampleRequest
+
+    model = tiny_model()
+    unet = model.model.diffusion_model
+    torch._dynamo.reset()
+    counters.clear()
+    unet.forward = torch.compile(unet.forward, backend="eager", fullgraph=True, dynamic=False)
+    c, uc, x_T = guidance_inputs["c"], guidance_inputs["uc"], guidance_inputs["x_T"]
+    graphs = []
+    with torch.no_grad():
+        for name, sampler in SAMPLERS.items():
+            for schedule in sampler.schedules[:2]:
+                sampler.sample(model, SampleRequest(c, uc, 9.0, 6, tuple(x_T.shape), schedule=schedule, noise=x_T))
+                graphs.append((name, schedule, counters["stats"]["unique_graphs"]))
+    assert graphs[-1][2] <= 2, graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])

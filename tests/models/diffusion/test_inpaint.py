@@ -98,6 +98,38 @@ def test_guided_ddim_matches_the_diffusers_pipeline(model, pipeline, inputs):
     assert rel_err(ours, ref) <= 1e-4
 
 
+def test_a_k_sampler_matches_the_diffusers_pipeline_with_its_scheduler(model, pipeline, inputs):
+    """Euler on the Karras schedule through the sampler interface, against the inpainting pipeline with
+    EulerDiscreteScheduler(use_karras_sigmas=True); its start is latents * sigma_max, ours
+    x_T * sqrt(1 + sigma_max^2): it is given x_T * sqrt(1 + sigma_max^2) / sigma_max."""
+    import math
+
+    from diffusers import EulerDiscreteScheduler
+
+    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.models.diffusion.sampling import SampleRequest
+
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", use_karras_sigmas=True)
+    sigma_max = scheduler.sigmas.max().item()
+    pipe = type(pipeline)(**{**pipeline.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(
+            prompt_embeds=inputs["c"], negative_prompt_embeds=inputs["uc"], image=inputs["image01"],
+            mask_image=inputs["mask"], height=64, width=64, strength=1.0, num_inference_steps=STEPS,
+            guidance_scale=SCALE, latents=inputs["x_T"] * (math.sqrt(1 + sigma_max**2) / sigma_max),
+            generator=torch.Generator().manual_seed(SEED), output_type="latent",
+        ).images
+        torch.manual_seed(SEED)
+        c_concat = model.inpaint_conditioning(inputs["image"], inputs["mask"])
+        cond = {"c_concat": [c_concat], "c_crossattn": [inputs["c"]]}
+        uncond = {"c_concat": [c_concat], "c_crossattn": [inputs["uc"]]}
+        ours = SAMPLERS["euler"].sample(model, SampleRequest(cond, uncond, SCALE, STEPS, (2, 4, 8, 8), schedule="karras",
+                                                             noise=inputs["x_T"]))
+    assert rel_err(ours, ref) <= 1e-4
+
+
 def test_concat_keys_must_name_mask_and_masked_image():
     config = tiny_family_config("inpainting")
     config.model.params.concat_keys = ["mask", "image"]

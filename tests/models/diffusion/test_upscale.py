@@ -70,6 +70,35 @@ def test_guided_ddim_matches_the_diffusers_upscale_pipeline(tiny_x4_model, input
     assert rel_err(ours, ref) <= 5e-4
 
 
+def test_a_k_sampler_matches_the_diffusers_upscale_pipeline_with_its_scheduler(tiny_x4_model, inputs):
+    """DPM++ 2M through the sampler interface on the x4 model's own (v, 0.0001-0.02) schedule, trailing
+    timesteps, against the pipeline with DPMSolverMultistepScheduler; diffusers starts from latents
+    as given (variance preserving), as ours from the same draw."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.models.diffusion.sampling import SampleRequest
+
+    pipe = upscale_pipeline(tiny_x4_model)
+    pipe.scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+        timestep_spacing="trailing",
+    )
+    with torch.no_grad():
+        ref = pipe(
+            image=inputs["low_res"], prompt_embeds=inputs["c"], negative_prompt_embeds=inputs["uc"],
+            num_inference_steps=STEPS, guidance_scale=SCALE, noise_level=NOISE_LEVEL, latents=inputs["x_T"].clone(),
+            generator=torch.Generator().manual_seed(11), output_type="latent",
+        ).images
+        torch.manual_seed(11)
+        cond, uncond = tiny_x4_model.upscale_conditioning(inputs["low_res"], NOISE_LEVEL, inputs["c"], inputs["uc"])
+        ours = SAMPLERS["dpmpp_2m"].sample(tiny_x4_model, SampleRequest(cond, uncond, SCALE, STEPS, (2, 4, 8, 8),
+                                                                         schedule="trailing", noise=inputs["x_T"]))
+    assert rel_err(ours, inputs["x_T"]) > 0.1, "sampling did nothing"
+    assert rel_err(ours, ref) <= 5e-4
+
+
 def test_conditioning_is_the_demos(tiny_x4_model, inputs):
     """c_concat = the image diffused to the level by the low-res schedule with the seed's first
     normal draw; c_adm = the levels (long); the unconditional dict differs only in the text."""
