@@ -134,6 +134,14 @@ def test_bad_input_is_explained_and_writes_nothing(tiny_files, tmp_path, capsys,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_a_strength_that_denoises_no_step_is_refused(tiny_files, runs, tmp_path, capsys, sampler):
+    assert img2img(tiny_files, runs["init"], tmp_path / "run", "--strength", "0.2", "--sampler", sampler) == 2
+    title = {"ddim": "DDIM", "euler": "Euler"}[sampler]
+    assert f"--strength 0.2 of --steps 4 denoises no step with {title} (steps x strength must be at least 1)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_run(tiny_files, runs, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["ckpt"]),
            "--init-img", str(runs["init"]), *FAST, "--outdir", "out"]  # fmt: skip

@@ -145,6 +145,28 @@ def test_samplers_and_backend_flags_run(tiny_files, tmp_path, flags, sampler):
         assert image.getextrema() != ((0, 0), (0, 0), (0, 0))
 
 
+@pytest.mark.parametrize("flags, recorded", [
+    (["--sampler", "DPM++ 2M Karras"], {"sampler": "dpmpp_2m", "schedule": "karras"}),
+    (["--sampler", "Euler a", "--schedule", "trailing"], {"sampler": "euler_ancestral", "schedule": "trailing", "eta": "1.0"}),
+    (["--sampler", "dpmpp_2m_sde", "--eta", "0.5", "--scale", "1"], {"sampler": "dpmpp_2m_sde", "schedule": "exponential", "eta": "0.5"}),
+    (["--plms"], {"sampler": "plms", "schedule": "uniform"}),
+])  # fmt: skip
+def test_png_metadata_records_sampler_schedule_and_eta(tiny_files, tmp_path, flags, recorded):
+    assert txt2img(tiny_files, tmp_path, *flags, "--stats_file", str(tmp_path / "stats.json")) == 0
+    with Image.open(samples(tmp_path)[0]) as image:
+        assert {key: image.text.get(key) for key in recorded} == recorded
+        assert ("eta" in image.text) == ("eta" in recorded)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["sampler"] == recorded["sampler"] and stats["schedule"] == recorded["schedule"]
+    assert stats["unet_calls_per_batch"] == (3 if recorded["sampler"] == "plms" else 2)  # --steps 2
+
+
+def test_the_same_image_from_the_a1111_spelling_and_the_names(tiny_files, tmp_path):
+    assert txt2img(tiny_files, tmp_path / "a", "--sampler", "DPM++ 2M Karras") == 0
+    assert txt2img(tiny_files, tmp_path / "b", "--sampler", "dpmpp_2m", "--schedule", "karras") == 0
+    np.testing.assert_array_equal(pixels(samples(tmp_path / "a")[0]), pixels(samples(tmp_path / "b")[0]))
+
+
 def test_prompts_from_file_in_batches_with_grid_rows(tiny_files, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\na green triangle\n")

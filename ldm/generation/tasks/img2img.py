@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ldm.generation.argtypes import unit_interval
+from ldm.generation.errors import UsageError
 from ldm.generation.images import load_init_image
 from ldm.generation.model import Model
 from ldm.generation.pipeline import FiniteWatch, Pipeline
@@ -37,6 +38,9 @@ class Img2ImgPipeline(Pipeline):
             str(init_image), model.geometry.multiple, self.image_flag)
         self.strength = strength
         super().__init__(model, sampling, n_samples, vae_slice_size)
+        if self.t_enc == 0:
+            raise UsageError(f"--strength {strength} of --steps {sampling.steps} denoises no step with {self.sampler.title} "
+                             "(steps x strength must be at least 1): raise either")
         self.init_latent = self.noise = None
 
     def image_size(self) -> tuple[int, int]:
