@@ -168,6 +168,8 @@ class Model:
         self.settings = settings
         self.device = torch.device(settings.device)
         self.files = resolve_model_files(settings)
+        if settings.taesd is not None:
+            _check_readable(settings.taesd, "--taesd")
         self.config = read_config(self.files.config)
         self.geometry = model_geometry(self.config, self.files.config)
         self.computes_in = resolve_precision(settings.precision, self.device)
@@ -212,6 +214,8 @@ class Model:
             use_compile_cache()  # before anything compiles: the probe would fix PyTorch's default folder
             check_compile(self.device)
         net = self._read_weights()
+        if settings.taesd is not None:
+            net.use_latent_decoder(self._read_tiny_decoder())
         if set_attention_implementation(net, settings.attention) == 0 and settings.attention != "sdpa":
             logger.warning("--attention %s has no effect: this model's attention is nn.MultiheadAttention (native-MHA layout)", settings.attention)
         if self.device.type == "cpu" and self.computes_in != "full":
@@ -249,6 +253,18 @@ class Model:
             raise GenerationError(f"cannot load --ckpt into the model of --config {files.config}: {e}") from None
         except Exception as e:
             raise GenerationError(f"cannot load the model of {files.config} from {files.ckpt}: {type(e).__name__}: {e}") from None
+
+    def _read_tiny_decoder(self) -> torch.nn.Module:
+        from ldm.models.taesd import load_tiny_decoder
+
+        try:
+            decoder = load_tiny_decoder(self.settings.taesd, self.device)
+        except CheckpointError as e:
+            raise GenerationError(f"--taesd: {e}") from None
+        if decoder[1].in_channels != self.geometry.channels or self.geometry.vae_factor != 8:
+            raise GenerationError(f"--taesd {self.settings.taesd}: a decoder of {decoder[1].in_channels}-channel latents by 8; "
+                                  f"this model's are {self.geometry.channels} channels by {self.geometry.vae_factor}")
+        return decoder
 
     def precision(self) -> contextlib.AbstractContextManager:
         """Autocast as the original (fp16 on CUDA, bf16 on the CPU; bf16 everywhere for "bf16"), or

@@ -138,6 +138,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                             "kept in TORCHINDUCTOR_CACHE_DIR (default ~/.cache/ldm-sd2/torchinductor) for later runs")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
+    p.add_argument("--taesd", type=str, default=None, metavar="PATH",
+                   help="decode with TAESD's tiny decoder (taesd_decoder.safetensors) instead of the VAE: about 20x less "
+                        "compute, an approximation of the VAE's images (see docs/samplers.md, SD-Turbo on a CPU)")
     bench.add_argument("--random_weights", action="store_true",
                        help="random weights (the same every run) instead of --ckpt (timing only: the images are noise)")
     return bench
@@ -149,7 +152,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
-        compile_mode=args.compile_mode,
+        compile_mode=args.compile_mode, taesd=args.taesd,
     )
 
 

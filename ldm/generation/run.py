@@ -165,6 +165,7 @@ def image_metadata(pipeline: Pipeline, seed_mode: str = "stream") -> dict[str, s
         "precision": pipeline.model.computes_in,
         "config": files.config.name,
         "checkpoint": files.ckpt.name if files.ckpt else "random weights",
+        **({"decoder": pipeline.model.settings.taesd.name} if pipeline.model.settings.taesd else {}),
         "software": f"ldm-sd2 {pipeline.task}",
         **pipeline.metadata(),
     }

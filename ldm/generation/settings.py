@@ -24,6 +24,7 @@ class ModelSettings:
 
     ``config``/``ckpt`` both None: the embedded demo model. ``precision``: "full" (float32),
     "autocast" (the original's: fp16 on CUDA, bf16 on the CPU) or "bf16" (autocast to bfloat16).
+    ``taesd``: decode with TAESD's decoder from this file instead of the VAE (approximate, fast).
     """
 
     config: Path | None = None
@@ -37,10 +38,12 @@ class ModelSettings:
     disable_math: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    taesd: Path | None = None
 
     def __post_init__(self) -> None:
         self.config = Path(self.config) if self.config is not None else None
         self.ckpt = Path(self.ckpt) if self.ckpt is not None else None
+        self.taesd = Path(self.taesd) if self.taesd is not None else None
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 

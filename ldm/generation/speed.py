@@ -174,6 +174,6 @@ def compile_model(net: nn.Module, device: torch.device | str, mode: str | None =
     1.79 s per 256x256 image, bfloat16) for about 30 s more of compilation, once per model and size. On CUDA the decoder is left
     eager as in the original write-up (not measured there)."""
     compile_module(net.model.diffusion_model, device, mode)
-    decoder = getattr(net.first_stage_model, "decoder", None)
+    decoder = getattr(net, "latent_decoder", None) or getattr(net.first_stage_model, "decoder", None)
     if torch.device(device).type == "cpu" and decoder is not None:
         compile_module(decoder, device, mode)

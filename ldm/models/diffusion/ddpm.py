@@ -234,8 +234,20 @@ class LatentDiffusion(nn.Module):
         return self.scale_factor * z
 
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        if self.latent_decoder is not None:
+            return self.latent_decoder(z)
         # Multiplying by the reciprocal, as the original does, rounds exactly as it does.
         return self.first_stage_model.decode(1.0 / self.scale_factor * z)
+
+    @property
+    def latent_decoder(self) -> nn.Module | None:
+        """The decoder in the VAE's place, if :meth:`use_latent_decoder` set one."""
+        return self.__dict__.get("_latent_decoder")
+
+    def use_latent_decoder(self, decoder: nn.Module | None) -> None:
+        """Decode the UNet's latents with ``decoder`` instead of the VAE (TAESD's, ldm.models.taesd),
+        or with the VAE again for None. Kept outside the module tree: no checkpoint key, no EMA."""
+        self.__dict__["_latent_decoder"] = decoder
 
     @contextlib.contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:

@@ -53,13 +53,66 @@ def _log_midpoint(a: float, b: float) -> float:
     return math.exp((math.log(a) + math.log(b)) / 2)
 
 
+# One deterministic step of a method from ``sigma`` to ``target`` (the ODE samplers step to the next
+# sigma, their ancestral twins to sigma_down). Each ends with Euler's step when the target is 0.
+Step = Callable[[Denoise, torch.Tensor, float, float], torch.Tensor]
+
+
+def euler_step(denoiser: Denoise, x: torch.Tensor, sigma: float, target: float) -> torch.Tensor:
+    return x + (x - denoiser(x, sigma)) / sigma * (target - sigma)
+
+
+def heun_step(denoiser: Denoise, x: torch.Tensor, sigma: float, target: float) -> torch.Tensor:
+    d = (x - denoiser(x, sigma)) / sigma
+    x_2 = x + d * (target - sigma)
+    if target == 0:
+        return x_2
+    d_2 = (x_2 - denoiser(x_2, target)) / target
+    return x + (d + d_2) * ((target - sigma) / 2)
+
+
+def dpm_2_step(denoiser: Denoise, x: torch.Tensor, sigma: float, target: float) -> torch.Tensor:
+    d = (x - denoiser(x, sigma)) / sigma
+    if target == 0:
+        return x + d * (target - sigma)
+    sigma_mid = _log_midpoint(sigma, target)
+    x_2 = x + d * (sigma_mid - sigma)
+    return x + (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid * (target - sigma)
+
+
+def dpmpp_2s_step(denoiser: Denoise, x: torch.Tensor, sigma: float, target: float) -> torch.Tensor:
+    denoised = denoiser(x, sigma)
+    if target == 0:
+        return denoised
+    h = math.log(sigma / target)  # lambda = -log sigma
+    sigma_mid = sigma * math.exp(-h / 2)
+    x_2 = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
+    return (target / sigma) * x - math.expm1(-h) * denoiser(x_2, sigma_mid)
+
+
+def _ode(step: Step, denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], callback: Callback) -> torch.Tensor:
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x = _step_done(callback, i, step(denoiser, x, sigma, sigma_next))
+    return x
+
+
+def _ancestral(step: Step, denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], eta: float, s_noise: float,
+               noise_sampler: NoiseSampler | None, callback: Callback) -> torch.Tensor:
+    """``step`` down to sigma_down, then fresh noise up to sigma_next, at every step."""
+    noise = _noise_sampler(x, noise_sampler)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        x = step(denoiser, x, sigma, down)
+        if sigma_next > 0:
+            x = x + noise(sigma, sigma_next) * (s_noise * up)
+        _step_done(callback, i, x)
+    return x
+
+
 @torch.no_grad()
 def sample_euler(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], *, callback: Callback = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al., Alg. 2 without churn)."""
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d = (x - denoiser(x, sigma)) / sigma
-        x = _step_done(callback, i, x + d * (sigma_next - sigma))
-    return x
+    return _ode(euler_step, denoiser, x, sigmas, callback)
 
 
 @torch.no_grad()
@@ -67,45 +120,19 @@ def sample_euler_ancestral(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[
                            s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
                            callback: Callback = None) -> torch.Tensor:
     """An Euler step down to sigma_down, then fresh noise up to sigma_next ("Euler a")."""
-    noise = _noise_sampler(x, noise_sampler)
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        down, up = ancestral_step(sigma, sigma_next, eta)
-        x = x + (x - denoiser(x, sigma)) / sigma * (down - sigma)
-        if sigma_next > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * up)
-        _step_done(callback, i, x)
-    return x
+    return _ancestral(euler_step, denoiser, x, sigmas, eta, s_noise, noise_sampler, callback)
 
 
 @torch.no_grad()
 def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], *, callback: Callback = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al., Alg. 2 without churn); the last step to 0 is Euler's."""
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d = (x - denoiser(x, sigma)) / sigma
-        dt = sigma_next - sigma
-        if sigma_next == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = (x_2 - denoiser(x_2, sigma_next)) / sigma_next
-            x = x + (d + d_2) * (dt / 2)
-        _step_done(callback, i, x)
-    return x
+    return _ode(heun_step, denoiser, x, sigmas, callback)
 
 
 @torch.no_grad()
 def sample_dpm_2(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], *, callback: Callback = None) -> torch.Tensor:
     """DPM-Solver-2 in sigma: the derivative at the log-midpoint sigma drives the whole step ("DPM2")."""
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d = (x - denoiser(x, sigma)) / sigma
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            sigma_mid = _log_midpoint(sigma, sigma_next)
-            x_2 = x + d * (sigma_mid - sigma)
-            x = x + (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid * (sigma_next - sigma)
-        _step_done(callback, i, x)
-    return x
+    return _ode(dpm_2_step, denoiser, x, sigmas, callback)
 
 
 @torch.no_grad()
@@ -113,20 +140,16 @@ def sample_dpm_2_ancestral(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[
                            s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
                            callback: Callback = None) -> torch.Tensor:
     """A DPM-Solver-2 step down to sigma_down, then fresh noise up to sigma_next ("DPM2 a")."""
-    noise = _noise_sampler(x, noise_sampler)
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        down, up = ancestral_step(sigma, sigma_next, eta)
-        d = (x - denoiser(x, sigma)) / sigma
-        if down == 0:
-            x = x + d * (down - sigma)
-        else:
-            sigma_mid = _log_midpoint(sigma, down)
-            x_2 = x + d * (sigma_mid - sigma)
-            x = x + (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid * (down - sigma)
-        if sigma_next > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * up)
-        _step_done(callback, i, x)
-    return x
+    return _ancestral(dpm_2_step, denoiser, x, sigmas, eta, s_noise, noise_sampler, callback)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], *, eta: float = 1.0,
+                              s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
+                              callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2S), single-step second order through the log-midpoint, to sigma_down; then fresh
+    noise up to sigma_next ("DPM++ 2S a")."""
+    return _ancestral(dpmpp_2s_step, denoiser, x, sigmas, eta, s_noise, noise_sampler, callback)
 
 
 def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
@@ -154,29 +177,6 @@ def sample_lms(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], *, o
         derivatives = [*derivatives, (x - denoiser(x, sigma)) / sigma][-order:]
         weights = lms_coefficients(sigmas, i, len(derivatives))
         x = x + sum(w * d for w, d in zip(weights, reversed(derivatives)))
-        _step_done(callback, i, x)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral(denoiser: Denoise, x: torch.Tensor, sigmas: Sequence[float], *, eta: float = 1.0,
-                              s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
-                              callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(2S), single-step second order through the log-midpoint, to sigma_down; then fresh
-    noise up to sigma_next ("DPM++ 2S a")."""
-    noise = _noise_sampler(x, noise_sampler)
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = denoiser(x, sigma)
-        down, up = ancestral_step(sigma, sigma_next, eta)
-        if down == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / down)  # lambda = -log sigma
-            sigma_mid = sigma * math.exp(-h / 2)
-            x_2 = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
-            x = (down / sigma) * x - math.expm1(-h) * denoiser(x_2, sigma_mid)
-        if sigma_next > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * up)
         _step_done(callback, i, x)
     return x
 

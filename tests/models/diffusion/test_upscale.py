@@ -56,13 +56,18 @@ def upscale_pipeline(model):
     return pipe
 
 
+def upscaled_latents(pipe, inputs) -> torch.Tensor:
+    """The pipeline's final latents for ``inputs`` (its low-res noise from generator seed 11)."""
+    return pipe(
+        image=inputs["low_res"], prompt_embeds=inputs["c"], negative_prompt_embeds=inputs["uc"],
+        num_inference_steps=STEPS, guidance_scale=SCALE, noise_level=NOISE_LEVEL, latents=inputs["x_T"].clone(),
+        generator=torch.Generator().manual_seed(11), output_type="latent",
+    ).images
+
+
 def test_guided_ddim_matches_the_diffusers_upscale_pipeline(tiny_x4_model, inputs):
     with torch.no_grad():
-        ref = upscale_pipeline(tiny_x4_model)(
-            image=inputs["low_res"], prompt_embeds=inputs["c"], negative_prompt_embeds=inputs["uc"],
-            num_inference_steps=STEPS, guidance_scale=SCALE, noise_level=NOISE_LEVEL, latents=inputs["x_T"].clone(),
-            generator=torch.Generator().manual_seed(11), output_type="latent",
-        ).images
+        ref = upscaled_latents(upscale_pipeline(tiny_x4_model), inputs)
         torch.manual_seed(11)
         cond, uncond = tiny_x4_model.upscale_conditioning(inputs["low_res"], NOISE_LEVEL, inputs["c"], inputs["uc"])
         ours = guided_ddim(tiny_x4_model, cond, uncond, inputs["x_T"], STEPS, SCALE)
@@ -86,11 +91,7 @@ def test_a_k_sampler_matches_the_diffusers_upscale_pipeline_with_its_scheduler(t
         timestep_spacing="trailing",
     )
     with torch.no_grad():
-        ref = pipe(
-            image=inputs["low_res"], prompt_embeds=inputs["c"], negative_prompt_embeds=inputs["uc"],
-            num_inference_steps=STEPS, guidance_scale=SCALE, noise_level=NOISE_LEVEL, latents=inputs["x_T"].clone(),
-            generator=torch.Generator().manual_seed(11), output_type="latent",
-        ).images
+        ref = upscaled_latents(pipe, inputs)
         torch.manual_seed(11)
         cond, uncond = tiny_x4_model.upscale_conditioning(inputs["low_res"], NOISE_LEVEL, inputs["c"], inputs["uc"])
         ours = SAMPLERS["dpmpp_2m"].sample(tiny_x4_model, SampleRequest(cond, uncond, SCALE, STEPS, (2, 4, 8, 8),
