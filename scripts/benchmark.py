@@ -211,7 +211,7 @@ def peer_command(args: argparse.Namespace, run: bm.PlannedRun, files: dict[bool,
 
 def sampler_of(task: str) -> str:
     """PLMS, as the write-up, where the task allows it; else the task's own sampler."""
-    samplers = TASKS[task].samplers
+    samplers = TASKS[task].samplers()
     return "plms" if "plms" in samplers else samplers[0]
 
 
