@@ -18,12 +18,13 @@ setup(
         "pytorch-lightning>=2.6",  # Trainer.fit(weights_only=...), resumable loaders
         "matplotlib",
         "timm>=1.0",  # the MiDaS backbone of the depth model (its checkpoint keys follow timm 1.0's names)
+        "scipy",  # the beta noise schedule's quantiles
     ],
     extras_require={
         # The web UI (scripts/webui.py); its tests drive it with gradio_client and Playwright (the
         # browser itself is the system's Chromium: apt-get install chromium).
         "webui": ["gradio>=6,<7", "gradio_client>=2"],
-        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia"],
+        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia", "torchsde"],
         "xformers": ["xformers"],
         "watermark": ["invisible-watermark"],
     },

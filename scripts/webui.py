@@ -25,7 +25,7 @@ from PIL import Image, ImageChops
 from ldm.generation.argtypes import int_at_least, positive
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
-from ldm.generation.options import DEMO_PROMPT, add_model_arguments, model_settings_from_args, sampling_defaults
+from ldm.generation.options import DEMO_PROMPT, add_model_arguments, default_schedule, model_settings_from_args, sampling_defaults
 from ldm.generation.run import cli_logging, report_error
 from ldm.generation.serving import SEED_LIMIT, ModelServer, check_mask, resolve_seed
 from ldm.generation.settings import SamplingSettings
@@ -36,7 +36,7 @@ from ldm.models.diffusion.schedules import SCHEDULES
 logger = logging.getLogger("ldm.webui")
 
 DEFAULTS = {"seed": -1, "n_samples": 1}  # the rest: the task's and the model's (options.sampling_defaults)
-DEFAULT_SCHEDULE = "default"  # the sampler's own schedule
+DEFAULT_SCHEDULE = "default"  # the model config's schedule where the sampler runs on it, else the sampler's own
 DEMO_EXAMPLES = [DEMO_PROMPT, "a green square", "a blue triangle", "a yellow circle"]
 MAX_STEPS = 200
 MAX_UPLOAD = "20mb"
@@ -128,8 +128,8 @@ class WebUI:
             gr.Slider(1.0, 30.0, d["scale"], step=0.5, label="Guidance scale (1: none)"),
             gr.Slider(1, self.server.max_samples, DEFAULTS["n_samples"], step=1, label="Images"),
             gr.Dropdown([(SAMPLERS[n].title, n) for n in samplers], value=d["sampler"], label="Sampler", elem_id=f"{task}-sampler"),
-            gr.Dropdown([("the sampler's own", DEFAULT_SCHEDULE), *((s.title, n) for n, s in SCHEDULES.items())],
-                        value=d["schedule"] or DEFAULT_SCHEDULE, label="Schedule", elem_id=f"{task}-schedule"),
+            gr.Dropdown([("default (the model's, else the sampler's own)", DEFAULT_SCHEDULE), *((s.title, n) for n, s in SCHEDULES.items())],
+                        value=DEFAULT_SCHEDULE, label="Schedule", elem_id=f"{task}-schedule"),
         ]
 
     def outputs(self, task: str) -> list[gr.components.Component]:
@@ -283,9 +283,11 @@ class WebUI:
         if not (prompt or "").strip():
             raise refuse("Enter a prompt.")
         d = self.defaults(task)
-        schedule = d["schedule"] if schedule is None else (None if schedule == DEFAULT_SCHEDULE else schedule)
+        sampler = sampler or d["sampler"]
         try:
-            sampling = SamplingSettings(sampler=sampler or d["sampler"], steps=int(d["steps"] if steps is None else steps),
+            if schedule in (None, DEFAULT_SCHEDULE):
+                schedule = default_schedule(sampler, d["schedule"])
+            sampling = SamplingSettings(sampler=sampler, steps=int(d["steps"] if steps is None else steps),
                                         scale=float(d["scale"] if scale is None else scale), seed=resolve_seed(seed),
                                         schedule=schedule)
         except (TypeError, ValueError, UsageError) as e:

@@ -111,9 +111,19 @@ def sampling_defaults(task: str, model: Model) -> dict:
 def fill_sampling_defaults(args: argparse.Namespace, task: str, model: Model) -> None:
     """Give the sampling flags left out their defaults (:func:`sampling_defaults`); ``--ddim_eta`` stays
     None when not given: the pipeline resolves it (a deterministic sampler takes none)."""
-    for dest, value in sampling_defaults(task, model).items():
-        if hasattr(args, dest) and getattr(args, dest) is None:
+    defaults = sampling_defaults(task, model)
+    for dest, value in defaults.items():
+        if dest != "schedule" and hasattr(args, dest) and getattr(args, dest) is None:
             setattr(args, dest, value)
+    if args.schedule is None:
+        args.schedule = default_schedule(args.sampler, defaults["schedule"])
+
+
+def default_schedule(sampler: str, schedule: str | None) -> str | None:
+    """A default schedule (a model config's) for ``sampler``, unless its spelling names one
+    ("DPM++ 2M Karras") or it cannot run on it (PLMS on SD-Turbo's trailing): then its own."""
+    name, named = parse_sampler(sampler)
+    return schedule if named is None and schedule in SAMPLERS[name].schedules else None
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD2_CONFIG)) -> argparse._ArgumentGroup:

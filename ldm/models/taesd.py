@@ -1,6 +1,6 @@
 """TAESD's decoder (Ollin Boer Bohan's "tiny autoencoder for Stable Diffusion"): an approximate,
-~40x cheaper stand-in for the SD VAE's decoder, which takes most of a CPU generation at few steps
-(25 of SD-Turbo's 34 s at 512x512 here). Opt-in (``--taesd taesd_decoder.safetensors``); its
+about 20x faster stand-in for the SD VAE's decoder, which takes most of a CPU generation at few
+steps (25 of SD-Turbo's 34 s at 512x512 on a 2-core AVX2 CPU; TAESD's 1.2 s, BENCHMARKS.md). Opt-in (``--taesd taesd_decoder.safetensors``); its
 images are the tiny decoder's approximation of the VAE's, not the VAE's.
 
 The module is the original's ``nn.Sequential``, so its files (``taesd_decoder.safetensors`` /

@@ -114,7 +114,11 @@ def test_model_config_sampling_defaults_yield_to_flags(tmp_path):
     args, sampling = parsed("img2img", ["--init-img", "x.png"], model)
     assert (sampling.steps, args.strength, sampling.scale) == (2, 0.5, 1.0)
     args, sampling = parsed("txt2img", ["--steps", "4", "--scale", "2", "--plms"], model)
-    assert (sampling.sampler, sampling.steps, sampling.scale) == ("plms", 4, 2.0)
+    assert (sampling.sampler, sampling.schedule, sampling.steps, sampling.scale) == ("plms", None, 4, 2.0)  # its own grid
+    _, sampling = parsed("txt2img", ["--sampler", "DPM++ 2M Karras"], model)  # the spelling's schedule, not the config's
+    assert (sampling.sampler, sampling.schedule) == ("dpmpp_2m", "karras")
+    _, sampling = parsed("txt2img", ["--sampler", "euler"], model)
+    assert (sampling.sampler, sampling.schedule) == ("euler", "trailing")
     config.sampling = {"sampler": "euler", "cfg": 7}
     OmegaConf.save(config, tmp_path / "bad.yaml")
     bad = Model(ModelSettings(config=tmp_path / "bad.yaml", random_weights=True, device="cpu"))

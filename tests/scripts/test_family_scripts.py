@@ -201,6 +201,50 @@ def test_variations_match_the_original_demo(families, tmp_path):
     assert_same_images(samples(tmp_path), expected)
 
 
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_depth2img_with_a_k_sampler(families, tmp_path, strength):
+    """Euler on Karras sigmas: the image's latent noised to the sigma 2 steps from the end (strength
+    0.5 of 4), or, at strength 1.0, all 4 steps from the original's noise alone; depth-conditioned."""
+    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.models.diffusion.sampling import SampleRequest
+
+    inputs = families["inputs"]
+    assert run(families, "depth2img", tmp_path, "--image", str(inputs["image"]), "--prompt", "a hall", "--steps", "4",
+               "--strength", str(strength), "--sampler", "Euler Karras") == 0
+    model = load_model_from_config(families["depth2img"]["config"], families["depth2img"]["ckpt"])
+    image = demo_image(inputs["image"])
+    with torch.no_grad():
+        seed_everything(7)
+        z = model.get_first_stage_encoding(model.encode_first_stage(image))
+        c, uc = text(model, "a hall", 1)
+        c_cat = model.depth_conditioning(image)
+        cond, uncond = {"c_concat": [c_cat], "c_crossattn": [c]}, {"c_concat": [c_cat], "c_crossattn": [uc]}
+        start = {"init": z, "denoise_steps": 2} if strength < 1 else {"denoise_steps": 4}
+        latents = SAMPLERS["euler"].sample(model, SampleRequest(cond, uncond, 9.0, 4, tuple(z.shape), schedule="karras", **start))
+        expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(latents))]
+    assert_same_images(samples(tmp_path), expected)
+
+
+def test_variations_with_a_k_sampler(families, tmp_path):
+    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.models.diffusion.sampling import SampleRequest
+
+    inputs = families["inputs"]
+    assert run(families, "variations", tmp_path, "--image", str(inputs["photo"]), "--prompt", "a photo", "--noise_level", "100",
+               "--sampler", "dpmpp_2m") == 0
+    model = load_model_from_config(families["variations"]["config"], families["variations"]["ckpt"])
+    with torch.no_grad():
+        seed_everything(7)
+        image = load_init_image(str(inputs["photo"]), 64)
+        adm, level = model.noise_augmentor(model.embedder(image), noise_level=torch.tensor([100]))
+        adm = torch.cat((adm, level), 1)
+        uc, c = model.get_learned_conditioning([""]), model.get_learned_conditioning(["a photo"])
+        request = SampleRequest({"c_crossattn": [c], "c_adm": adm}, {"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)},
+                                10.0, 2, (1, 4, 8, 8), schedule="karras")
+        expected = to_uint8(model.decode_first_stage(SAMPLERS["dpmpp_2m"].sample(model, request)))
+    assert_same_images(samples(tmp_path), expected)
+
+
 def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats, capsys):
     inputs = families["inputs"]
     config = OmegaConf.load(families["variations-l"]["config"])

@@ -25,13 +25,15 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, load_script
 from ldm.generation import main, pipeline, serving
-from ldm.generation.errors import GenerationError
+from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.options import model_settings_from_args
+from ldm.generation.settings import ModelSettings
 from ldm.generation.tasks import TASKS, Img2ImgPipeline
 
 gr = pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[webui]'")
@@ -434,3 +436,31 @@ def test_command_line_serves_on_localhost(tiny_files):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_a_models_sampling_defaults_are_the_pages_and_the_apis(tiny_files, tmp_path, monkeypatch):
+    """SD-Turbo's config (its sampling: section) sets the web UI's defaults: a request that leaves
+    steps, scale, sampler and schedule out samples as the scripts would, 1 step of Euler a, trailing,
+    no guidance; given values win."""
+    config = OmegaConf.load(tiny_files["config"])
+    config.sampling = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "sd-turbo.yaml").sampling
+    OmegaConf.save(config, tmp_path / "turbo.yaml")
+    model = Model(ModelSettings(config=tmp_path / "turbo.yaml", ckpt=tiny_files["safetensors"], device="cpu"))
+    ui = webui.WebUI(serving.ModelServer(model, tmp_path / "out"))
+    asked = []
+
+    def pipeline(task, sampling, *inputs, **options):
+        asked.append((task, sampling, inputs))
+        raise UsageError("enough")
+
+    monkeypatch.setattr(ui.server, "pipeline", pipeline)
+    for call in (lambda: ui.txt2img("a red circle"), lambda: ui.txt2img("a red circle", steps=3, sampler="DPM++ 2M Karras"),
+                 lambda: ui.img2img("a red circle", image="in.png"), lambda: ui.txt2img("a red circle", sampler="plms"),
+                 lambda: ui.txt2img("a red circle", sampler="euler", schedule="default")):
+        with pytest.raises(gr.Error):
+            call()
+    (_, first, _), (_, second, _), (task, third, inputs), (_, plms, _), (_, euler, _) = asked
+    assert (first.sampler, first.schedule, first.steps, first.scale) == ("euler_ancestral", "trailing", 1, 1.0)
+    assert (second.sampler, second.schedule, second.steps) == ("dpmpp_2m", "karras", 3)  # named with the sampler
+    assert (task, third.steps, inputs[-1]) == ("img2img", 2, 0.5)
+    assert (plms.sampler, plms.schedule, euler.schedule) == ("plms", None, "trailing")  # PLMS runs on its own grid
