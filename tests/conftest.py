@@ -76,6 +76,17 @@ def assert_draws_normals(run, count: int, shape=(2, 4, 8, 8), seed: int = 0) -> 
     assert torch.equal(after, torch.randn(1))
 
 
+def assert_computes_as(model, reference) -> None:
+    """``model``'s text encoder, UNet and decoder give ``reference``'s outputs bit for bit."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        c = model.get_learned_conditioning(["a red cube", ""])
+        assert torch.equal(c, reference.get_learned_conditioning(["a red cube", ""]))
+        assert torch.equal(model.apply_model(x, t, c), reference.apply_model(x, t, c))
+        assert torch.equal(model.decode_first_stage(x[:1]), reference.decode_first_stage(x[:1]))
+
+
 def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):
     return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import diffusers_unet_twin, randomize_, rel_err, tiny_config, tiny_family_config, tiny_unclip_config, tiny_x4_config
+from conftest import diffusers_unet_twin, randomize_, rel_err, tiny_config, tiny_unclip_config, tiny_x4_config
 from ldm.loading import build_model
 
 RTOL = 1e-4
