@@ -60,8 +60,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         if name in offered:
             samplers.add_argument(flag, dest="sampler", action="store_const", const=name, help=f"use {SAMPLERS[name].title} sampling")
     p.add_argument("--schedule", choices=list(SCHEDULES) + ["sgm_uniform"], default=None,
-                   help="the noise schedule of a k-diffusion sampler (default: the sampler's own: karras for the DPM++ and "
-                        "DPM2 samplers, exponential for the SDE ones, normal for the rest; DDIM and PLMS run on uniform)")
+                   help="the noise schedule of a k-diffusion sampler (default: the model config's where the sampler runs on it, "
+                        "SD-Turbo's trailing; else the sampler's own: karras for DPM++ 2M, SDE, 2S a and DPM2, exponential for "
+                        "DPM++ 2M/3M SDE, normal for the rest; DDIM and PLMS run on uniform only)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
     eta_default = f"{pipeline.default_eta} for the samplers that take one" if pipeline.default_eta is not None else "the sampler's"
     p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float_in(0.0), default=None,
@@ -149,8 +150,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
     p.add_argument("--taesd", type=str, default=None, metavar="PATH",
-                   help="decode with TAESD's tiny decoder (taesd_decoder.safetensors) instead of the VAE: about 20x less "
-                        "compute, an approximation of the VAE's images (see docs/samplers.md, SD-Turbo on a CPU)")
+                   help="decode with TAESD's tiny decoder (taesd_decoder.safetensors) instead of the VAE: about 20x faster, "
+                        "an approximation of the VAE's images (see docs/samplers.md, SD-Turbo on a CPU)")
     bench.add_argument("--random_weights", action="store_true",
                        help="random weights (the same every run) instead of --ckpt (timing only: the images are noise)")
     return bench
