@@ -165,7 +165,7 @@ class Sampler:
     """The one sampler interface: what a pipeline asks of a sampler, none of it by name.
 
     A sampler says which schedules it runs on (the first is its default), whether it takes an eta
-    (``default_eta`` None: deterministic), whether it can start part way down a schedule from a
+    (``default_eta`` None: it takes none, deterministic or, as DDPM and LCM, not), whether it can start part way down a schedule from a
     noised image (img2img, depth2img), how many steps and UNet calls a run takes, and runs a batch.
     """
 
