@@ -137,8 +137,14 @@ class Watermarker:
                 logger.warning("images below 256x256 pixels cannot carry the invisible watermark: not watermarked")
                 self._warned_small = True
             return array
-        bgr = np.ascontiguousarray(array[:, :, ::-1])
-        return np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1])
+        return encode_watermark(array, self.encoder)
+
+
+def encode_watermark(array: np.ndarray, encoder: Any) -> np.ndarray:
+    """An RGB uint8 ``array`` (H, W, 3) watermarked by an imwatermark ``WatermarkEncoder`` (which
+    works on BGR images), with the original's method (dwtDct)."""
+    bgr = np.ascontiguousarray(array[:, :, ::-1])
+    return np.ascontiguousarray(encoder.encode(bgr, "dwtDct")[:, :, ::-1])
 
 
 def next_number(folder: Path, pattern: re.Pattern) -> int:
