@@ -14,7 +14,7 @@ from omegaconf import ListConfig
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import (
-    diffusion_schedule,
+    ddpm_schedule,
     extract_into_tensor,
     make_beta_schedule,
     q_sample,
@@ -174,17 +174,9 @@ class LatentDiffusion(nn.Module):
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        schedule = diffusion_schedule(betas)
-        alphas_cumprod, alphas_cumprod_prev = schedule["alphas_cumprod"], schedule["alphas_cumprod_prev"]
+        schedule = ddpm_schedule(betas)
         self.num_timesteps = len(betas)
         self.linear_start, self.linear_end = linear_start, linear_end
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        schedule.update(
-            posterior_variance=posterior_variance,
-            posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
-            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-        )
         register_schedule_buffers(self, schedule, persistent=self.persistent_schedule)
         return schedule
 
