@@ -453,3 +453,67 @@ def guided_ddim(model, cond, uncond, x_T: torch.Tensor, steps: int = 10, scale: 
         unconditional_guidance_scale=scale, x_T=x_T.clone(), verbose=False,
     )
     return samples
+
+
+# -- diffusers-format folders
+def transformers_text_twin(model, layers: int | None = None):
+    """transformers' CLIPTextModel holding ``model``'s OpenCLIP text tower (diffusers'
+    ``convert_open_clip_checkpoint``), its first ``layers`` layers (None: all of them). SD2's
+    diffusers folders hold all but the last: diffusers conditions on the last hidden state of the
+    layers it has, through the final layer norm, which is the original's penultimate conditioning."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = model.cond_stage_model.model
+    blocks = text.transformer.resblocks
+    layers = len(blocks) if layers is None else layers
+    width = text.token_embedding.weight.shape[1]
+    config = CLIPTextConfig(
+        vocab_size=text.token_embedding.weight.shape[0], hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=blocks[0].attn.num_heads,
+        max_position_embeddings=text.positional_embedding.shape[0], hidden_act="gelu", layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407,
+    )
+    encoder = CLIPTextModel(config).eval()
+    converted = convert_open_clip_checkpoint(encoder, model.state_dict())
+    own = encoder.state_dict().keys()  # transformers >= 5 dropped the ``text_model.`` level
+    converted = {k if k in own else k.removeprefix("text_model."): v for k, v in converted.items()}
+    encoder.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=True)
+    return encoder
+
+
+def sd2_clip_tokenizer(model):
+    """transformers' CLIPTokenizer with the text encoder's BPE, padding with "!" (id 0) as open_clip
+    and SD2's diffusers folders do."""
+    from transformers import CLIPTokenizer
+
+    bpe = model.cond_stage_model.tokenizer
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    start, end = bpe.decoder[bpe.sot_token_id], bpe.decoder[bpe.eot_token_id]
+    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, bos_token=start, eos_token=end, unk_token=end,
+                         pad_token=bpe.decoder[0], model_max_length=77)
+
+
+def diffusers_pipeline_twin(config, model, parameterization: str = "eps"):
+    """diffusers' StableDiffusionPipeline (the inpainting one for a 9-channel UNet) holding ``model``,
+    every component converted by diffusers' and transformers' own code: the folder a user holds."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    unet = diffusers_unet_twin(config, model)
+    pipeline = StableDiffusionInpaintPipeline if unet.config.in_channels == 9 else StableDiffusionPipeline
+    return pipeline(
+        vae=diffusers_vae_twin(config, model), text_encoder=transformers_text_twin(model, len(model.cond_stage_model.model.transformer.resblocks) - 1),
+        tokenizer=sd2_clip_tokenizer(model), unet=unet, scheduler=sd2_ddim_scheduler(parameterization),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers_folders(tmp_path_factory, tiny_eps_model, tiny_v_model) -> dict[str, Path]:
+    """The tiny eps and v models as diffusers folders written by diffusers' ``save_pretrained``."""
+    root = tmp_path_factory.mktemp("diffusers")
+    folders = {}
+    for parameterization, model in (("eps", tiny_eps_model), ("v", tiny_v_model)):
+        folders[parameterization] = root / parameterization
+        diffusers_pipeline_twin(tiny_config(parameterization), model, parameterization).save_pretrained(folders[parameterization])
+    return folders
