@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.checkpoint import CheckpointError
+from ldm.diffusers_format import Folder, inspect_folder
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
 from ldm.generation.speed import compile_model, hold_weights, resolve_precision, use_compile_cache
@@ -40,12 +41,14 @@ class ModelFiles:
 
 
 def resolve_model_files(settings: ModelSettings) -> ModelFiles:
-    """The config and checkpoint to use; the demo model when neither was named and it is installed."""
+    """The config and checkpoint to use; the demo model when neither was named and it is installed.
+    A diffusers folder as the checkpoint names its own config when none is given."""
     if settings.config is None and settings.ckpt is None and not settings.random_weights and DEMO_CONFIG.is_file() and DEMO_CKPT.is_file():
         return ModelFiles(DEMO_CONFIG, DEMO_CKPT, demo=True)
-    config = settings.config or SD2_CONFIG
+    folder = _diffusers_folder(settings.ckpt) if settings.ckpt is not None and settings.ckpt.is_dir() else None
+    config = settings.config or (Path(folder.config_name) if folder else SD2_CONFIG)
     if settings.config is None and not config.exists():
-        config = REPO_ROOT / SD2_CONFIG  # the original's default path, wherever the script is run from
+        config = REPO_ROOT / config  # the original's default path, wherever the script is run from
     _check_readable(config, "--config")
     if settings.random_weights:
         if settings.ckpt is not None:
@@ -56,8 +59,19 @@ def resolve_model_files(settings: ModelSettings) -> ModelFiles:
             f"--ckpt is required with {config}: pass an SD2 checkpoint (e.g. --ckpt v2-1_512-ema-pruned.ckpt), "
             "or --random_weights for timing runs"
         )
-    _check_readable(settings.ckpt, "--ckpt")
+    if folder is None:
+        _check_readable(settings.ckpt, "--ckpt")
+    elif settings.config is None:
+        logger.info("--ckpt %s: a diffusers %s model (%s prediction): --config %s", settings.ckpt, folder.family,
+                    folder.parameterization, folder.config_name)
     return ModelFiles(config, settings.ckpt)
+
+
+def _diffusers_folder(path: Path) -> Folder:
+    try:
+        return inspect_folder(path)
+    except CheckpointError as e:
+        raise GenerationError(f"--ckpt: {e}") from None
 
 
 def _check_readable(path: Path, flag: str) -> None:

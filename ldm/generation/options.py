@@ -132,7 +132,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
     returns the "speed and benchmarking" group, for a program's own speed flags."""
     p.add_argument("--config", type=str, default=None,
                    help=f"model config (default: {default_config}" + (", or the demo model when neither --config nor --ckpt is given)" if default_config == str(SD2_CONFIG) else ")"))
-    p.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--ckpt", type=str, default=None,
+                   help="model checkpoint (.ckpt or .safetensors), or a diffusers folder (converted as it loads; without "
+                        "--config, the folder's own config: see docs/adapters.md)")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="evaluate at this precision (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on (default: %(default)s)")

@@ -22,7 +22,8 @@ def default_device() -> str:
 class ModelSettings:
     """Which model, on which device, computed how.
 
-    ``config``/``ckpt`` both None: the embedded demo model. ``precision``: "full" (float32),
+    ``config``/``ckpt`` both None: the embedded demo model; ``ckpt`` may be a diffusers folder, and
+    then names its config when ``config`` is None. ``precision``: "full" (float32),
     "autocast" (the original's: fp16 on CUDA, bf16 on the CPU) or "bf16" (autocast to bfloat16).
     ``taesd``: decode with TAESD's decoder from this file instead of the VAE (approximate, fast).
     """
