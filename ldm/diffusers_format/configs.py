@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.diffusers_format.names import DiffusersFormatError, Layout
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = "configs/stable-diffusion"
 # (family, parameterization) -> the original config of that model.
 CONFIGS = {
@@ -100,6 +101,11 @@ class Folder:
     def config_name(self) -> str:
         """The original config of this model, relative to the repository."""
         return f"{CONFIG_DIR}/{CONFIGS[self.family, self.parameterization]}"
+
+    @property
+    def config_path(self) -> Path:
+        """:attr:`config_name` in this checkout."""
+        return REPO_ROOT / self.config_name
 
     @property
     def unet_layout(self) -> Layout:
@@ -316,9 +322,11 @@ def check_config(folder: Folder, config: DictConfig, config_path: str | Path = "
         ("text_encoder/config.json", folder.text_encoder, text_encoder_json(config, 0), _TEXT_KEYS),
         ("scheduler/scheduler_config.json", scheduler, scheduler_json(config), _SCHEDULER_KEYS),
     ]
-    problems = [
-        (f"{where} {key} is {theirs[key]!r}" if key in theirs else f"{where} has no {key}") + f", {config_path} has {expected[key]!r}"
-        for where, theirs, expected, keys in pairs for key in keys if theirs.get(key) != expected[key]
-    ]
+    problems = []
+    for where, theirs, expected, keys in pairs:
+        wrong = [(f"{key} is {theirs[key]!r}" if key in theirs else f"no {key}") + f", the config's {expected[key]!r}"
+                 for key in keys if theirs.get(key) != expected[key]]
+        if wrong:
+            problems.append(f"{where}: {', '.join(wrong)}")
     if problems:
         raise DiffusersFormatError(f"{folder.path} is not the model of {config_path}{own}: " + "; ".join(problems))

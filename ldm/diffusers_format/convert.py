@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -44,7 +43,6 @@ from ldm.modules.diffusionmodules.util import ddpm_schedule, make_beta_schedule
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEDULE_KEYS = tuple(ddpm_schedule(make_beta_schedule("linear", 2)))
 # The text tower's tensors that SD2 never uses, beside its last block (see the module docstring).
 UNUSED_TEXT = (TEXT + "text_projection", TEXT + "logit_scale")
@@ -83,10 +81,13 @@ def _text_to_original(folder: Folder, weights: dict[str, torch.Tensor], config: 
     return state
 
 
-def to_original(folder: Folder, config: DictConfig, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def to_original(
+    folder: Folder, config: DictConfig, device: str | torch.device = "cpu", config_path: str | os.PathLike = "the config"
+) -> dict[str, torch.Tensor]:
     """The model of a diffusers folder as the original layout's state dict for ``config``
-    (checked to describe it; the native-MHA layout when the config's UNet is)."""
-    check_config(folder, config)
+    (checked to describe it; the native-MHA layout when the config's UNet is); ``config_path``
+    names the config in errors."""
+    check_config(folder, config, config_path)
     state = names.unet_to_original(read_weights(folder.path, "unet", device), folder.unet_layout)
     state.update(names.vae_to_original(read_weights(folder.path, "vae", device), folder.vae_layout))
     state.update(_text_to_original(folder, read_weights(folder.path, "text_encoder", device), config))
@@ -100,7 +101,9 @@ def load_folder(path: str | os.PathLike, config: DictConfig | None = None, devic
     from ldm.loading import load_config
 
     folder = inspect_folder(path)
-    return to_original(folder, load_config(REPO_ROOT / folder.config_name) if config is None else config, device)
+    if config is None:
+        return to_original(folder, load_config(folder.config_path), device, folder.config_name)
+    return to_original(folder, config, device)
 
 
 def _check_schedule(state: Mapping[str, torch.Tensor], config: DictConfig) -> None:

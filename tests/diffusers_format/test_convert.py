@@ -293,10 +293,10 @@ BAD_FOLDERS = {
     "all-text-layers": (edit("text_encoder", num_hidden_layers=3), "has all 3 layers and diffusers conditions on the last"),
     "text-layers": (edit("text_encoder", num_hidden_layers=1), "text encoder has 1 layers, the config's text tower 3"),
     # Entries that change no tensor's shape: the strict load would not see them.
-    "heads": (edit("unet", attention_head_dim=[1, 2]), r"attention_head_dim is \[1, 2\], the config has \[2, 4\]"),
-    "text-heads": (edit("text_encoder", num_attention_heads=4), "num_attention_heads is 4, the config has 2"),
-    "latent-scale": (edit("vae", scaling_factor=0.13025), "scaling_factor is 0.13025, the config has 0.18215"),
-    "v-for-eps": (edit("scheduler", prediction_type="v_prediction"), "prediction_type is 'v_prediction', the config has 'epsilon'"),
+    "heads": (edit("unet", attention_head_dim=[1, 2]), r"attention_head_dim is \[1, 2\], the config's \[2, 4\]"),
+    "text-heads": (edit("text_encoder", num_attention_heads=4), "num_attention_heads is 4, the config's 2"),
+    "latent-scale": (edit("vae", scaling_factor=0.13025), "scaling_factor is 0.13025, the config's 0.18215"),
+    "v-for-eps": (edit("scheduler", prediction_type="v_prediction"), "prediction_type is 'v_prediction', the config's 'epsilon'"),
 }
 
 
