@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from ldm.diffusers_format import inspect_folder, save_folder, to_original
+from ldm.diffusers_format.convert import check_complete
 from ldm.loading import load_config
 
 
@@ -46,7 +47,9 @@ def convert(args: argparse.Namespace) -> str:
     if args.input.is_dir():
         folder = inspect_folder(args.input)
         config_path = args.config or folder.config_name
-        state = to_original(folder, load_config(args.config or folder.config_path), "cpu", config_path)
+        config = load_config(args.config or folder.config_path)
+        state = to_original(folder, config, "cpu", config_path)
+        check_complete(state, config)
         save_state_dict(state, args.output, overwrite=args.overwrite)
         return (f"wrote {args.output} ({len(state)} tensors, the layout of {config_path}) from the diffusers {folder.family} "
                 f"model in {args.input} ({folder.parameterization} prediction): use it with --config {config_path}")

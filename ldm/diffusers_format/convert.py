@@ -106,6 +106,16 @@ def load_folder(path: str | os.PathLike, config: DictConfig | None = None, devic
     return to_original(folder, config, device)
 
 
+def check_complete(state: Mapping[str, torch.Tensor], config: DictConfig) -> None:
+    """Raise :class:`~ldm.checkpoint.CheckpointError` unless ``state`` is exactly the model of
+    ``config`` (the strict load's check, on the model built on the meta device: nothing allocated),
+    so that no incomplete file or folder is written."""
+    from ldm.checkpoint import apply_state_dict
+    from ldm.loading import build_model
+
+    apply_state_dict(build_model(config, "meta"), state, assign=True)
+
+
 def _check_schedule(state: Mapping[str, torch.Tensor], config: DictConfig) -> None:
     """The checkpoint's schedule buffers are the config's (a diffusers scheduler holds nothing else):
     to float16's precision, the coarsest a released file stores them in."""
@@ -121,6 +131,7 @@ def to_diffusers(state: Mapping[str, torch.Tensor], config: DictConfig) -> tuple
     contents: JSON configs and tokenizer files by path, and each component's tensors."""
     family = model_family(config)
     tower, layer = text_tower(config)
+    check_complete(state, config)
     if native_mha.detect_layout(state) == native_mha.NATIVE:
         state = native_mha.to_original(state)
     _check_schedule(state, config)
@@ -141,7 +152,7 @@ def to_diffusers(state: Mapping[str, torch.Tensor], config: DictConfig) -> tuple
         else:
             unknown.append(key)
     if unknown:
-        raise DiffusersFormatError(f"{len(unknown)} tensors belong to no part of an SD2 {family} model: {', '.join(sorted(unknown)[:8])}")
+        raise DiffusersFormatError(f"{len(unknown)} tensors have no place in a diffusers folder: {', '.join(sorted(unknown)[:8])}")
     if dropped:
         logger.info("not written to the diffusers folder (unused by SD2 or EMA copies): %d tensors, e.g. %s", len(dropped), dropped[0])
     weights = {

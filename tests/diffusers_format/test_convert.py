@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from conftest import (
     CONFIGS, diffusers_pipeline_twin, family_keys, rel_err, sd2_ddim_scheduler, tiny_config, tiny_family_config, tiny_x4_config,
 )
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.diffusers_format import DiffusersFormatError, check_config, inspect_folder, load_folder, save_folder
 from ldm.diffusers_format.convert import CLIP_LOGIT_SCALE
 from ldm.loading import load_model_from_config
@@ -322,8 +322,11 @@ def test_config_of_another_family_is_named(tiny_diffusers_folders):
 def test_what_a_folder_cannot_hold_is_refused(tiny_eps_model, tiny_x4_model, tmp_path):
     with pytest.raises(DiffusersFormatError, match="LatentUpscaleDiffusion model: the SD2 models converted are"):
         save_folder(tiny_x4_model.state_dict(), tiny_x4_config(), tmp_path / "x4")
-    with pytest.raises(DiffusersFormatError, match="1 tensors belong to no part of an SD2 text-to-image model: extra"):
+    with pytest.raises(CheckpointError, match="unexpected keys 1: extra"):
         save_folder({**tiny_eps_model.state_dict(), "extra": torch.zeros(1)}, tiny_config(), tmp_path / "extra")
+    incomplete = {k: v for k, v in tiny_eps_model.state_dict().items() if "out.2." not in k}
+    with pytest.raises(CheckpointError, match="missing keys 2: model.diffusion_model.out.2.bias"):
+        save_folder(incomplete, tiny_config(), tmp_path / "incomplete")
     betas = {**tiny_eps_model.state_dict(), "betas": torch.linspace(1e-4, 2e-2, 1000)}
     with pytest.raises(DiffusersFormatError, match="noise schedule .betas. is not the config's"):
         save_folder(betas, tiny_config(), tmp_path / "betas")

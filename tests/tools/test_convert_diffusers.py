@@ -82,6 +82,21 @@ def test_bad_inputs_are_one_line_errors(tiny_diffusers_folders, tiny_files, tmp_
     assert not list(tmp_path.iterdir())
 
 
+def test_an_incomplete_folder_writes_nothing(tiny_diffusers_folders, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_diffusers_folders["eps"], tmp_path / "folder")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("conv_out.")}, weights)
+    config = tmp_path / "tiny.yaml"
+    OmegaConf.save(tiny_config(), config)
+    assert tool.main([str(folder), str(tmp_path / "x.safetensors"), "--config", str(config)]) == 1
+    assert "missing keys 2: model.diffusion_model.out.2.bias, model.diffusion_model.out.2.weight" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_help_and_exit_status():
     done = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "diffusers folder" in done.stdout and "--overwrite" in done.stdout
