@@ -85,3 +85,12 @@ def test_benchmark_converts_a_folder_once(tiny_files, tiny_diffusers_folders, tm
     with pytest.raises(SystemExit):  # the folder's own config, the full-size one, does not fit the tiny folder
         benchmark.parse_args(["--ckpt", str(folder)])
     assert "--ckpt: " in capsys.readouterr().err
+
+
+def test_webui_serves_a_folder(tiny_files, tiny_diffusers_folders, tmp_path):
+    pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[webui]'")
+    webui = load_script("scripts/webui.py")
+    args = webui.build_parser().parse_args(["--config", str(tiny_files["config"]), "--ckpt", str(tiny_diffusers_folders["eps"]),
+                                            "--device", "cpu", "--precision", "full", "--outdir", str(tmp_path)])
+    app = webui.build_app(args)  # the model loaded from the folder, the page built
+    assert f"`{tiny_files['config'].name}`, `{tiny_diffusers_folders['eps'].name}`" in repr(app.config)  # the page names the model
