@@ -45,8 +45,8 @@ LEGACY_VAE_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "
 
 @dataclass(frozen=True)
 class Layout:
-    """What fixes a UNet's or a VAE's names: levels, residual blocks per level, and (UNet) the
-    levels with attention, from the coarsest resolution's opposite: level 0 is the finest."""
+    """What fixes a UNet's or a VAE's names: its resolution levels, the residual blocks per level
+    (the encoder's count; decoders have one more), and (UNet) which levels attend, finest first."""
 
     levels: int
     blocks: int
