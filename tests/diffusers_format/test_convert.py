@@ -157,6 +157,15 @@ def test_native_mha_config_reads_the_folder(tiny_diffusers_folders, tiny_eps_mod
         assert rel_err(native.apply_model(x, t, c), tiny_eps_model.apply_model(x, t, c)) <= 1e-5
 
 
+def test_native_mha_checkpoint_writes_the_same_folder(tiny_eps_model, tmp_path):
+    from ldm.native_mha import to_native
+
+    save_folder(tiny_eps_model.state_dict(), tiny_config(), tmp_path / "original")
+    save_folder(to_native(tiny_eps_model.state_dict()), tiny_config(native_mha=True), tmp_path / "native")
+    ours, theirs = tensors(tmp_path / "native"), tensors(tmp_path / "original")
+    assert all(ours[c].keys() == theirs[c].keys() and all(torch.equal(ours[c][k], v) for k, v in theirs[c].items()) for c in theirs)
+
+
 # -- other files of the same model: pickles, fp16 variants, older names ----------------------------
 def copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "copy"))
