@@ -17,7 +17,10 @@ format are bit-exact.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import (
-    CONFIGS, diffusers_pipeline_twin, family_keys, rel_err, sd2_ddim_scheduler, tiny_config, tiny_family_config, tiny_x4_config,
+    CONFIGS, ROOT, diffusers_pipeline_twin, family_keys, rel_err, sd2_ddim_scheduler, tiny_config, tiny_family_config, tiny_x4_config,
 )
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.diffusers_format import DiffusersFormatError, check_config, inspect_folder, load_folder, save_folder
@@ -164,6 +167,23 @@ def test_native_mha_checkpoint_writes_the_same_folder(tiny_eps_model, tmp_path):
     save_folder(to_native(tiny_eps_model.state_dict()), tiny_config(native_mha=True), tmp_path / "native")
     ours, theirs = tensors(tmp_path / "native"), tensors(tmp_path / "original")
     assert all(ours[c].keys() == theirs[c].keys() and all(torch.equal(ours[c][k], v) for k, v in theirs[c].items()) for c in theirs)
+
+
+def test_neither_diffusers_nor_transformers_is_needed(tiny_diffusers_folders, tmp_path):
+    """Reading and writing folders in a process where importing either fails."""
+
+    OmegaConf.save(tiny_config(), tmp_path / "tiny.yaml")
+    code = (
+        "import sys; sys.modules['diffusers'] = sys.modules['transformers'] = None\n"
+        "from ldm.loading import load_model_from_config, load_config\n"
+        "from ldm.diffusers_format import save_folder\n"
+        f"model = load_model_from_config({str(tmp_path / 'tiny.yaml')!r}, {str(tiny_diffusers_folders['eps'])!r})\n"
+        f"save_folder(model.state_dict(), load_config({str(tmp_path / 'tiny.yaml')!r}), {str(tmp_path / 'out')!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout's ldm
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert inspect_folder(tmp_path / "out").family == "text-to-image"
 
 
 # -- other files of the same model: pickles, fp16 variants, older names ----------------------------
