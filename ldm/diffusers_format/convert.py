@@ -34,10 +34,11 @@ from omegaconf import DictConfig
 from ldm import native_mha
 from ldm.diffusers_format import names
 from ldm.diffusers_format.configs import (
-    Folder, check_config, inspect_folder, model_family, model_index_json, scheduler_json, text_encoder_json,
-    text_tower, unet_json, unet_layout, vae_json, vae_layout,
+    model_family, model_index_json, scheduler_json, text_encoder_json, text_tower, unet_json, unet_layout, vae_json,
+    vae_layout,
 )
 from ldm.diffusers_format.files import read_weights, tokenizer_files, write_folder
+from ldm.diffusers_format.identify import Folder, check_config, inspect_folder
 from ldm.diffusers_format.names import TEXT, UNET, VAE, DiffusersFormatError
 from ldm.modules.diffusionmodules.util import ddpm_schedule, make_beta_schedule
 
