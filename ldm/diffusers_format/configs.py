@@ -29,6 +29,7 @@ DIFFUSERS_VERSION = "0.30.0"
 # The OpenCLIP text-tower options CLIPTextModel can express (the others keep their defaults).
 _TEXT_TOWER_OPTIONS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 

@@ -181,9 +181,9 @@ def check_config(folder: Folder, config: DictConfig, config_path: str | Path = "
     ours = unet_json(config)
     levels = len(ours["block_out_channels"])
     for key in ("attention_head_dim", "transformer_layers_per_block"):
-        unet[key] = _per_level(unet.get(key, 1), len(unet["block_out_channels"]))
+        unet[key] = _per_level(unet.get(key, 1), len(unet.get("block_out_channels", ())))
         ours[key] = _per_level(ours[key], levels)
-    # The scheduler's defaults are diffusers' (epsilon prediction), the text encoder's the folder's.
+    # diffusers' default prediction type, where the scheduler config names none.
     scheduler = {"prediction_type": "epsilon", **folder.scheduler}
     pairs = [
         ("unet/config.json", unet, ours, (*_UNET_KEYS, "attention_head_dim", "transformer_layers_per_block")),
