@@ -241,3 +241,19 @@ def test_the_config_builds_the_real_sd21_controlnet_layout(sd2_keys):
     base = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"))
     derived = controlnet_params(base["model"]["params"]["unet_config"]["params"])
     assert derived == config.model.params.control_stage_config.params  # the base model's own trunk
+
+
+def test_the_controlled_unet_compiles_to_one_graph(tiny_eps_model, nets, inputs):
+    """The ControlNets, their window and weights and the UNet taking the residuals: one graph, no
+    break (a host sync on the window would be one), as torch.compile sees a guided step."""
+    cond, _ = controls(nets, inputs["hints"], [0.8, 0.5], start=0.1, end=0.9, guess_mode=True)
+    wrapper = tiny_eps_model.model
+
+    def step(x, t, c):
+        return wrapper(x, t, c_crossattn=[c], c_control=cond)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(step)(inputs["x_T"], inputs["t"], inputs["c"])
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
