@@ -169,3 +169,29 @@ def test_bad_controls_are_explained(files, tmp_path, capsys, case):
 
     assert re.search(message, capsys.readouterr().err)
     assert not list((tmp_path / "out").glob("samples/*.png"))
+
+
+def test_the_memory_estimate_counts_each_controlnet(files, monkeypatch):
+    """Each ControlNet adds its trunk's weights (the real SD2.1 ControlNet's bytes, built on meta,
+    within 1%: its hint encoder is left out) and one set of residual maps;
+    a run that fits alone is refused with two ControlNets."""
+    from ldm.generation import memory
+    from ldm.generation.model import Model
+    from ldm.generation.settings import ModelSettings, SamplingSettings
+    from ldm.generation.tasks import Txt2ImgPipeline
+
+    real = Model(ModelSettings(config=Path("configs/stable-diffusion/v2-inference.yaml").resolve(), random_weights=True, device="cpu"))
+    with torch.device("meta"):
+        net = ControlNet(**controlnet_params(real.config.model.params.unet_config.params))
+    trunk = memory._controlnet_bytes(real.geometry.unet)
+    assert 0.99 < trunk / memory.tensor_bytes(net) <= 1.0
+    model = Model(ModelSettings(config=files["config"], ckpt=files["safetensors"], device="cpu", precision="full"))
+    plain, one, two = (memory.estimate(model, 64, 64, 1, True, 1, controlnets=n) for n in (0, 1, 2))
+    assert two.weights - one.weights == one.weights - plain.weights == memory._controlnet_bytes(model.geometry.unet)
+    assert one.unet > plain.unet and two.unet == one.unet
+    monkeypatch.setattr(memory, "available_memory", lambda device: (one.total + two.total) // 2)
+    pipeline = Txt2ImgPipeline(model, SamplingSettings(steps=4), height=64, width=64)
+    memory.check_fits(pipeline, guided=True)
+    pipeline.use_controls([ControlSettings(files["control"], files["hint"])] * 2)
+    with pytest.raises(Exception, match="needs about"):
+        memory.check_fits(pipeline, guided=True)
