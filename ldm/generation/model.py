@@ -19,7 +19,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.diffusers_format import Folder, inspect_folder
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
-from ldm.generation.speed import compile_model, hold_weights, resolve_precision, use_compile_cache
+from ldm.generation.speed import compile_model, compile_module, hold_weights, resolve_precision, use_compile_cache
 from ldm.loading import build_model, load_config, load_model_from_config
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
 
@@ -191,6 +191,7 @@ class Model:
         without native bfloat16 (see :mod:`ldm.generation.speed`)."""
         self._net: torch.nn.Module | None = None
         self._empty_prompt: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
+        self._controlnets: dict[Path, torch.nn.Module] = {}
 
     @property
     def target(self) -> str:
@@ -249,6 +250,29 @@ class Model:
         if key not in self._empty_prompt:
             self._empty_prompt[key] = self.load().get_learned_conditioning([""])
         return self._empty_prompt[key]
+
+    def controlnet(self, path: Path) -> torch.nn.Module:
+        """The ControlNet in ``path`` for this model, loaded once (held and compiled as the UNet)."""
+        path = Path(path)
+        if path not in self._controlnets:
+            from ldm.modules.diffusionmodules.controlnet import load_controlnet
+
+            _check_readable(path, "--control")
+            unet = self.load().model.diffusion_model
+            try:
+                net = load_controlnet(path, self.config.model.params.unet_config.params, self.device)
+            except CheckpointError as e:
+                raise GenerationError(f"--control: {e}") from None
+            if net.encoder_channels != unet.encoder_channels:
+                raise GenerationError(f"--control {path}: its residuals ({net.encoder_channels} channels) do not fit this "
+                                      f"model's UNet ({unet.encoder_channels}); SD2.1 ControlNets fit the 512 and 768 models")
+            set_attention_implementation(net, self.settings.attention)
+            if self.device.type == "cpu" and self.computes_in != "full":
+                hold_weights(net, torch.bfloat16)
+            if self.settings.compile:
+                compile_module(net, self.device, self.settings.compile_mode)
+            self._controlnets[path] = net
+        return self._controlnets[path]
 
     def _read_weights(self) -> torch.nn.Module:
         files, config, device = self.files, self.config, self.device

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.generation import distributed
+from ldm.generation import control, distributed
 from ldm.generation.argtypes import finite, float_in, non_negative, positive, seed
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import SD2_CONFIG, Model
@@ -79,6 +79,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     p.add_argument("--repeat", type=positive, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
+    if pipeline.controllable:
+        control.add_arguments(p)
     bench = add_model_arguments(p, pipeline.family_config)
     bench.add_argument("--skip_first", action="store_true",
                        help="run one warm-up batch of each batch size first, neither timed nor saved")

@@ -60,8 +60,10 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
 
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as ``diffusion_model`` (the checkpoint's key prefix) and routes conditioning:
-    ``c_concat`` joins the input channels, ``c_crossattn`` is the attention context, and ``c_adm``
-    (the ``*-adm`` keys: the x4 upscaler's noise level, unCLIP's image embedding) is the UNet's ``y``.
+    ``c_concat`` joins the input channels, ``c_crossattn`` is the attention context, ``c_adm``
+    (the ``*-adm`` keys: the x4 upscaler's noise level, unCLIP's image embedding) is the UNet's
+    ``y``, and ``c_control`` (a list of :class:`~ldm.modules.diffusionmodules.controlnet.Control`)
+    adds ControlNet residuals.
     """
 
     CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "hybrid-adm", "crossattn-adm")
@@ -74,7 +76,8 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(
-        self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None
+        self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None,
+        c_control: list | None = None,
     ) -> torch.Tensor:
         if (c_adm is None) == str(self.conditioning_key).endswith("-adm"):
             raise ValueError(
@@ -83,9 +86,14 @@ class DiffusionWrapper(nn.Module):
                 + " (the class-label input: the x4 upscaler's noise level, unCLIP's image embedding)"
             )
         context = None if not c_crossattn else torch.cat(c_crossattn, 1)
+        control = None
+        if c_control:  # ControlNets (ldm.modules.diffusionmodules.controlnet) read the noisy latent alone
+            from ldm.modules.diffusionmodules.controlnet import control_residuals
+
+            control = control_residuals(c_control, x, t, context)
         if c_concat:
             x = torch.cat([x, *c_concat], dim=1)
-        return self.diffusion_model(x, t, context=context, y=c_adm)
+        return self.diffusion_model(x, t, context=context, y=c_adm, control=control)
 
 
 class LatentDiffusion(nn.Module):
