@@ -8,8 +8,8 @@ diffusers does and the text encoder's as transformers' CLIP does; the names are 
 codebase's modules (:mod:`ldm.diffusers_format.names`), for the original and the native-MHA layout
 (q, k and v deltas go to their rows of ``in_proj_weight``).
 
-A LoRA is merged: ``W += weight * alpha / rank * up @ down`` before sampling, so it costs nothing
-per step; :meth:`LoraMerge.restore` puts the base weights back bit for bit. Every file is read and
+A LoRA is merged: ``W += weight * alpha / rank * up @ down`` (in float32, rounded once to the
+weight's dtype) before sampling, so it costs nothing per step; :meth:`LoraMerge.restore` puts the base weights back bit for bit. Every file is read and
 checked before any weight changes, so an error leaves the model as it was.
 """
 
@@ -225,7 +225,7 @@ def merge_loras(net: nn.Module, loras: Sequence[tuple[str | os.PathLike, float]]
                 merge._saved[key] = (t.module, t.name, getattr(t.module, t.name).detach().clone())
             weight = getattr(t.module, t.name)
             rows = weight if t.rows is None else weight[t.rows]
-            rows.add_(delta.tensor().to(weight.dtype))
+            rows.copy_(rows.float() + delta.tensor())  # one rounding, for weights held in half precision
     merge.loras = tuple((str(p), float(w)) for p, w in loras)
     if loras:
         logger.info("merged %d LoRA file(s): %d weights changed", len(loras), len(merge._saved))
@@ -235,3 +235,18 @@ def merge_loras(net: nn.Module, loras: Sequence[tuple[str | os.PathLike, float]]
 def lora_names(folder: str | os.PathLike) -> dict[str, Path]:
     """The LoRA files of ``folder`` by stem (what ``<lora:NAME:WEIGHT>`` in a prompt names)."""
     return {p.stem: p for p in sorted(Path(folder).iterdir()) if p.suffix in (".safetensors", ".pt", ".ckpt", ".bin") and p.is_file()}
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's ``<lora:NAME:WEIGHT>`` tags (weight 1 when left out) taken out of ``prompt``."""
+    tags = []
+    for match in LORA_TAG.finditer(prompt):
+        try:
+            weight = float(match.group(2)) if match.group(2) else 1.0
+        except ValueError:
+            raise LoraError(f"<lora:{match.group(1)}:{match.group(2)}>: the weight must be a number") from None
+        tags.append((match.group(1).strip(), weight))
+    return LORA_TAG.sub("", prompt), tags
