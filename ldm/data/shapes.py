@@ -35,18 +35,17 @@ def caption(colour: str, shape: str) -> str:
 
 
 def draw_shape(
-    shape: str, colour: Sequence[int], size: int, extent: float, centre: tuple[float, float],
-    background: Sequence[int] = BACKGROUND,
+    shape: str, colour: Sequence[int], size: int, extent: float, centre: tuple[float, float]
 ) -> Image.Image:
     """A ``size``-pixel RGB image: one ``shape`` of bounding-box side ``extent`` pixels centred
-    at ``centre`` (pixels), in ``colour`` on a plain ``background``.
+    at ``centre`` (pixels), in ``colour`` on the plain background.
 
     The triangle points up and fills half its bounding box; the circle pi/4; the square all.
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
     s = _SUPERSAMPLE
-    img = Image.new("RGB", (size * s, size * s), tuple(int(c) for c in background))
+    img = Image.new("RGB", (size * s, size * s), BACKGROUND)
     draw = ImageDraw.Draw(img)
     cx, cy, r = centre[0] * s, centre[1] * s, extent * s / 2
     box = (cx - r, cy - r, cx + r, cy + r)
@@ -71,8 +70,7 @@ class ShapesDataset(Dataset):
     "caption": str, "index": int}`` (the index lets a trainer cache per-sample work).
 
     Colours and shapes cycle so every combination is equally frequent; the extent
-    (``min_extent`` to ``max_extent`` of the image side) and the position are random. The
-    ``background`` is white, as the demo model learnt it (another one makes a LoRA's data set).
+    (``min_extent`` to ``max_extent`` of the image side) and the position are random.
     """
 
     def __init__(
@@ -84,7 +82,6 @@ class ShapesDataset(Dataset):
         max_extent: float = 0.7,
         colours: Sequence[str] | None = None,
         shapes: Sequence[str] | None = None,
-        background: Sequence[int] = BACKGROUND,
     ):
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
@@ -101,9 +98,6 @@ class ShapesDataset(Dataset):
         self.size = size
         self.seed = seed
         self.min_extent, self.max_extent = min_extent, max_extent
-        if len(background) != 3 or not all(0 <= int(c) <= 255 for c in background):
-            raise ValueError(f"background must be an RGB triple of 0-255 values, got {list(background)}")
-        self.background = tuple(int(c) for c in background)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -122,11 +116,12 @@ class ShapesDataset(Dataset):
 
     def image(self, index: int) -> Image.Image:
         d = self.describe(index)
-        return draw_shape(d["shape"], COLOURS[d["colour"]], self.size, d["extent"], d["centre"], self.background)
+        return draw_shape(d["shape"], COLOURS[d["colour"]], self.size, d["extent"], d["centre"])
 
     def __getitem__(self, index: int) -> dict:
         d = self.describe(index)
-        return {"image": to_tensor(self.image(index)), "caption": caption(d["colour"], d["shape"]), "index": index}
+        img = draw_shape(d["shape"], COLOURS[d["colour"]], self.size, d["extent"], d["centre"])
+        return {"image": to_tensor(img), "caption": caption(d["colour"], d["shape"]), "index": index}
 
 
 def write_folder(dataset: ShapesDataset, out: str | Path) -> Path:

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
                   "params": {"ldm_config": tiny_config().model, "base_ckpt": str(folder / "base.safetensors"), "rank": 2,
                              "alpha": 1.0, "learning_rate": 5e-2}},
         "data": {"target": "ldm.data.shapes.ShapesDataset",
-                 "params": {"num_samples": 8, "size": 64, "background": [20, 20, 20]}, "batch_size": 4},
+                 "params": {"num_samples": 8, "size": 64, "min_extent": 0.75, "max_extent": 0.9}, "batch_size": 4},
         "lightning": {"checkpoint_every_n_steps": 10, "trainer": {"max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False}},
     }
     OmegaConf.save(OmegaConf.create(config), folder / "lora.yaml")
