@@ -32,6 +32,7 @@ from ldm.generation.run import cli_logging, report_error
 from ldm.generation.serving import SEED_LIMIT, ModelServer, check_mask, resolve_seed
 from ldm.generation.settings import SamplingSettings
 from ldm.generation.tasks import TASKS
+from ldm.lora import lora_names
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.models.diffusion.schedules import SCHEDULES
 
@@ -106,7 +107,13 @@ class WebUI:
     def header(self) -> str:
         files, s = self.model.files, self.model.settings
         which = f"the demo model (32x32 shapes: try {DEMO_PROMPT!r})" if files.demo else f"`{files.config.name}`, `{files.ckpt.name if files.ckpt else 'random weights'}`"
-        return f"### ldm-sd2\nModel: {which}; {self.model.target} on {s.device}, precision {self.model.computes_in}."
+        line = f"### ldm-sd2\nModel: {which}; {self.model.target} on {s.device}, precision {self.model.computes_in}."
+        if s.loras:
+            line += " LoRA merged: " + ", ".join(f"`{p.name}` x{w}" for p, w in s.loras) + "."
+        if s.lora_dir is not None:
+            names = ", ".join(f"`{name}`" for name in lora_names(s.lora_dir)) or "none"
+            line += f" LoRAs for a prompt's `<lora:NAME:WEIGHT>`: {names}."
+        return line
 
     # -- form parts shared by the tabs ---------------------------------------------------------
     def prompt_row(self, task: str) -> tuple[gr.Textbox, gr.Button]:

@@ -517,3 +517,30 @@ def tiny_diffusers_folders(tmp_path_factory, tiny_eps_model, tiny_v_model) -> di
         folders[parameterization] = root / parameterization
         diffusers_pipeline_twin(tiny_config(parameterization), model, parameterization).save_pretrained(folders[parameterization])
     return folders
+
+
+# -- LoRA
+RANK = 4  # of the random LoRAs
+
+
+def random_kohya(model, seed: int, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """A random kohya-format LoRA on every kind of module a LoRA file holds: text encoder q/k/v/out/
+    fc1/fc2, UNet attention, projections, feed-forward, resnet 3x3 convolutions (LoCon), time
+    embedding projections, down- and up-samplers."""
+    from ldm.lora import model_targets
+
+    gen = torch.Generator().manual_seed(seed)
+    kinds = ("_self_attn_q_proj", "_self_attn_k_proj", "_self_attn_v_proj", "_self_attn_out_proj", "_mlp_fc1", "_mlp_fc2",
+             "attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn2_to_k", "attn2_to_v", "proj_in", "proj_out",
+             "ff_net_0_proj", "ff_net_2", "resnets_0_conv1", "resnets_1_conv2", "time_emb_proj", "downsamplers_0_conv",
+             "upsamplers_0_conv", "conv_shortcut")
+    state = {}
+    for name, target in model_targets(model).items():
+        if not name.startswith(("lora_unet_", "lora_te_")) or not name.endswith(kinds):
+            continue
+        shape = target.weight.shape
+        kernel = tuple(shape[2:])
+        down = torch.randn(RANK, shape[1], *kernel, generator=gen) / shape[1] ** 0.5
+        up = torch.randn(shape[0], RANK, *((1, 1) if kernel else ()), generator=gen) / RANK**0.5
+        state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)})
+    return state

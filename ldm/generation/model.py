@@ -21,6 +21,7 @@ from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
 from ldm.generation.speed import compile_model, compile_module, hold_weights, resolve_precision, use_compile_cache
 from ldm.loading import build_model, load_config, load_model_from_config
+from ldm.lora import LoraMerge, lora_names, merge_loras, prompt_loras
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class Model:
         """The precision really used: ``settings.precision``, but "full" for the default on a CPU
         without native bfloat16 (see :mod:`ldm.generation.speed`)."""
         self._net: torch.nn.Module | None = None
+        self._lora_merge = LoraMerge()
         self._empty_prompt: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
         self._controlnets: dict[Path, torch.nn.Module] = {}
 
@@ -231,6 +233,10 @@ class Model:
         net = self._read_weights()
         if settings.taesd is not None:
             net.use_latent_decoder(self._read_tiny_decoder())
+        try:
+            merge_loras(net, settings.loras, self._lora_merge)  # in float32, before the UNet is held in bf16
+        except CheckpointError as e:
+            raise GenerationError(f"--lora: {e}") from None
         if set_attention_implementation(net, settings.attention) == 0 and settings.attention != "sdpa":
             logger.warning("--attention %s has no effect: this model's attention is nn.MultiheadAttention (native-MHA layout)", settings.attention)
         if self.device.type == "cpu" and self.computes_in != "full":
@@ -241,6 +247,40 @@ class Model:
             compile_model(net, self.device, settings.compile_mode)
         self._net = net
         return net
+
+    def use_prompt_loras(self, prompts: list[str]) -> list[str]:
+        """Merge the LoRAs of ``--lora`` and of the prompts' ``<lora:NAME:WEIGHT>`` tags (files of
+        ``--lora_dir``) if they are not what is merged now, recompiling what was compiled with frozen
+        weights; returns the prompts without their tags."""
+        net = self.load()
+        cleaned, wanted = [], {str(p): w for p, w in self.settings.loras}
+        for prompt in prompts:
+            text, tags = prompt_loras(prompt)
+            cleaned.append(text)
+            for name, weight in tags:
+                path = str(self._lora_file(name))
+                if wanted.get(path, weight) != weight:
+                    raise UsageError(f"<lora:{name}>: two weights in one batch ({wanted[path]} and {weight})")
+                wanted[path] = weight
+        loras = tuple(sorted(wanted.items()))
+        if loras != tuple(sorted(self._lora_merge.loras)):
+            try:
+                merge_loras(net, loras, self._lora_merge)
+            except CheckpointError as e:
+                raise GenerationError(f"LoRA: {e}") from None
+            self._empty_prompt.clear()  # a LoRA of the text encoder changes it
+            if self.settings.compile and self.device.type == "cpu":  # frozen weights: compiled anew (or found on disk)
+                compile_model(net, self.device, self.settings.compile_mode)
+        return cleaned
+
+    def _lora_file(self, name: str) -> Path:
+        folder = self.settings.lora_dir
+        if folder is None:
+            raise UsageError(f"<lora:{name}> in the prompt needs --lora_dir, the folder of the LoRA files")
+        files = lora_names(folder)
+        if name not in files:
+            raise UsageError(f"<lora:{name}>: no such LoRA in {folder} ({', '.join(files) or 'it holds none'})")
+        return files[name]
 
     def empty_prompt_conditioning(self) -> torch.Tensor:
         """The text encoder's output for the empty prompt (guidance's unconditional input): the same

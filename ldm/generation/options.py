@@ -28,6 +28,17 @@ DEMO_PROMPT = "a red circle"
 SAMPLING_DEFAULTS = {"sampler": "ddim", "schedule": None, "steps": 50, "scale": 9.0, "strength": None}
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` (a Windows drive's colon kept), checked as argparse parses it."""
+    path, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def sampler_choice(text: str) -> str:
     """A sampler's name or AUTOMATIC1111 spelling, checked as argparse parses it."""
     try:
@@ -153,6 +164,11 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                             "kept in TORCHINDUCTOR_CACHE_DIR (default ~/.cache/ldm-sd2/torchinductor) for later runs")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
+    p.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:WEIGHT]",
+                   help="merge this LoRA (kohya or diffusers/peft format) into the weights, at WEIGHT (default 1); "
+                        "repeat for several (see docs/adapters.md)")
+    p.add_argument("--lora_dir", type=str, default=None, metavar="DIR",
+                   help="the folder of the LoRA files that prompts name with <lora:NAME:WEIGHT> (NAME: the file's stem)")
     p.add_argument("--taesd", type=str, default=None, metavar="PATH",
                    help="decode with TAESD's tiny decoder (taesd_decoder.safetensors) instead of the VAE: about 20x faster, "
                         "an approximation of the VAE's images (see docs/samplers.md, SD-Turbo on a CPU)")
@@ -167,7 +183,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
-        compile_mode=args.compile_mode, taesd=args.taesd,
+        compile_mode=args.compile_mode, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
     )
 
 

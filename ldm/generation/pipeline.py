@@ -241,6 +241,7 @@ class Pipeline:
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         watch = FiniteWatch(self.model.device)
+        prompts = self.model.use_prompt_loras(prompts)
         c, uc = self.conditioning(prompts)
         if self.controller is not None:
             c, uc = self.controller.add_to(c, uc, len(prompts))

@@ -167,6 +167,7 @@ def image_metadata(pipeline: Pipeline, seed_mode: str = "stream") -> dict[str, s
         "config": files.config.name,
         "checkpoint": files.ckpt.name if files.ckpt else "random weights",
         **({"decoder": pipeline.model.settings.taesd.name} if pipeline.model.settings.taesd else {}),
+        **({"lora": ", ".join(f"{p.name}:{w}" for p, w in pipeline.model.settings.loras)} if pipeline.model.settings.loras else {}),
         "software": f"ldm-sd2 {pipeline.task}",
         **pipeline.metadata(),
         **(pipeline.controller.metadata() if pipeline.controller is not None else {}),
