@@ -165,7 +165,7 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                          help="how prompts are read: a1111, AUTOMATIC1111's weights and BREAK; none, brackets are plain "
                               "text. Either way prompts over 75 tokens are encoded in 75-token chunks, not truncated (default: %(default)s)")
     prompts.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE",
-                         help="a textual-inversion embedding for SD2 (A1111 .pt/.bin, safetensors with emb_params, a bare "
+                         help="a textual-inversion embedding for SD2 (A1111 .pt/.bin, safetensors with emb_params, diffusers learned_embeds, a bare "
                               "tensor), used wherever its file's stem appears in a prompt; repeatable")
     prompts.add_argument("--embeddings_dir", type=str, default=None, metavar="DIR",
                          help="use every embedding file under this folder, each named by its file's stem (those for other "

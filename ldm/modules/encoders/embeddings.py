@@ -31,9 +31,10 @@ class EmbeddingError(ValueError):
     """A file that is not a textual-inversion embedding for this model's text encoder."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Embedding:
-    """A textual-inversion embedding: its prompt word, its vectors (n, width), float32, and its file."""
+    """A textual-inversion embedding: its prompt word, its vectors (n, width), float32, and its file.
+    Equal only to itself (its vectors are a tensor)."""
 
     name: str
     vectors: torch.Tensor

@@ -9,7 +9,7 @@
 * Weights: A1111's rule. The encoder's output at each token is multiplied by the token's weight,
   then the chunk's output is rescaled so that its mean over positions and channels equals the
   unweighted output's mean. (ComfyUI instead interpolates each token from the empty prompt's
-  output; diffusers' Compel scales likewise without the rescale.) Start, end and padding weigh 1.
+  output towards its own.) Start, end and padding weigh 1.
   The means are taken per prompt and chunk, in float32; A1111 takes them over the whole batch.
 * Embeddings: wherever the tokens of an embedding's name appear, its vectors take the place of
   those tokens' embeddings (before the positional embedding), as A1111 does; the tokenizer is not

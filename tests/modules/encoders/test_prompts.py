@@ -18,7 +18,7 @@ import torch
 
 from conftest import rel_err, transformers_text_twin, transformers_tokenizer
 from ldm.modules.encoders.embeddings import Embedding, EmbeddingError
-from ldm.modules.encoders.prompts import CHUNK_TOKENS, PromptEncoder, literal_prompt
+from ldm.modules.encoders.prompts import CHUNK_TOKENS, PROMPT_SYNTAXES, PromptEncoder, literal_prompt
 
 RTOL = 1e-5
 PLAIN = [
@@ -66,8 +66,7 @@ def reference(hf, chunks: list[list[tuple[str, float]]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("syntax", ["a1111", "none"])
 def test_plain_prompts_give_the_originals_conditioning_bit_for_bit(tiny_eps_model, embedder, syntax):
-    parse = {"a1111": PromptEncoder(embedder).parse, "none": literal_prompt}[syntax]
-    encoder = PromptEncoder(embedder, parse=parse)
+    encoder = PromptEncoder(embedder, parse=PROMPT_SYNTAXES[syntax])
     with torch.no_grad():
         for prompt in PLAIN:
             assert torch.equal(encoder.encode([prompt]), tiny_eps_model.get_learned_conditioning([prompt])), prompt
