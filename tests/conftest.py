@@ -3,6 +3,7 @@ checkpoint files. Every test module builds its models from here, never its own c
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
@@ -18,8 +19,8 @@ from ldm.loading import build_model
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CONFIGS = ROOT / "configs" / "stable-diffusion"
-# Every tensor (key and shape) of a real SD2 checkpoint: ../shared/, beside the checkout.
-SD2_KEYS_FILE = ROOT.parent / "shared" / "sd2-checkpoint-keys.json"
+# Every tensor (key and shape) of each real SD2 checkpoint (tests/fixtures/checkpoint-keys/README.md).
+CHECKPOINT_KEYS = FIXTURES / "checkpoint-keys"
 
 
 def tiny_config(parameterization: str = "eps", native_mha: bool = False):
@@ -141,11 +142,17 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
     return {"config": config, "safetensors": folder / "tiny.safetensors", "ckpt": folder / "tiny.ckpt"}
 
 
+def family_keys(name: str) -> dict[str, list[int]]:
+    """Every tensor (key -> shape) of a real SD2 checkpoint: ``sd2`` (text-to-image), ``inpainting``,
+    ``depth``, ``x4-upscaler``, ``unclip-l`` or ``unclip-h``."""
+    stem = "sd2" if name == "sd2" else f"sd2-{name}"
+    with gzip.open(CHECKPOINT_KEYS / f"{stem}-checkpoint-keys.json.gz", "rt") as f:
+        return json.load(f)["tensors"]
+
+
 @pytest.fixture(scope="session")
 def sd2_keys() -> dict[str, list[int]]:
-    if not SD2_KEYS_FILE.is_file():
-        pytest.skip(f"{SD2_KEYS_FILE} not found (it lives in shared/, beside the checkout)")
-    return json.loads(SD2_KEYS_FILE.read_text())["tensors"]
+    return family_keys("sd2")
 
 
 def diffusers_unet_twin(config, model):
@@ -330,15 +337,6 @@ def sd2_ddim_scheduler(parameterization: str):
         timestep_spacing="leading",
         prediction_type="epsilon" if parameterization == "eps" else "v_prediction",
     )
-
-
-def family_keys(name: str) -> dict[str, list[int]]:
-    """Every tensor (key -> shape) of an SD2 family's real checkpoint (``inpainting``, ``depth``,
-    ``x4-upscaler``, ``unclip-l``, ``unclip-h``), from shared/; skips without it."""
-    path = ROOT.parent / "shared" / f"sd2-{name}-checkpoint-keys.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (it lives in shared/, beside the checkout)")
-    return json.loads(path.read_text())["tensors"]
 
 
 # -- upscaler and unCLIP families

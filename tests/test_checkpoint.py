@@ -358,10 +358,8 @@ def real_meta_models() -> dict:
 
 
 @pytest.mark.parametrize("checkpoint, config", [(k, c) for k in REAL for c in REAL if k != c])
-def test_family_checkpoint_given_to_another_config_names_the_right_one(checkpoint, config, real_meta_models,
-                                                                        sd2_keys):
-    keys = sd2_keys if checkpoint == "sd2" else family_keys(checkpoint)
-    state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+def test_family_checkpoint_given_to_another_config_names_the_right_one(checkpoint, config, real_meta_models):
+    state = {k: torch.empty(shape, device="meta") for k, shape in family_keys(checkpoint).items()}
     with pytest.raises(CheckpointError) as err:
         apply_state_dict(real_meta_models[config], state, assign=True)
     message = str(err.value)
