@@ -9,12 +9,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 import main
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from ldm.checkpoint import load_state_dict
 from ldm.loading import load_model_from_config
 from ldm.models.autoencoder import AutoencoderKL
 
 SIZE = 16  # the tiny autoencoder has f = 8: 2x2 latents, enough to run every layer
+DEMO_CONFIG = ROOT / "configs" / "demo" / "shapes-demo.yaml"  # an inference config
 
 
 def vae_config() -> dict:
@@ -116,7 +117,7 @@ def test_resume_without_a_checkpoint_is_refused(vae_run, tmp_path, capsys):
 def test_missing_or_wrong_config_is_refused(tmp_path, capsys):
     assert main.main(["--base", str(tmp_path / "nope.yaml")]) == 2
     assert "config not found" in capsys.readouterr().err
-    assert main.main(["--base", "configs/demo/shapes-demo.yaml", "--logdir", str(tmp_path / "x")]) == 2
+    assert main.main(["--base", str(DEMO_CONFIG), "--logdir", str(tmp_path / "x")]) == 2
     assert "not a training config" in capsys.readouterr().err
 
 
@@ -128,7 +129,7 @@ def test_missing_data_folder_is_refused(tmp_path, capsys):
 
 
 def test_first_stage_checkpoint_of_another_autoencoder_is_refused(tmp_path, capsys):
-    other = AutoencoderKL(**OmegaConf.load("configs/demo/shapes-demo.yaml").model.params.first_stage_config.params)
+    other = AutoencoderKL(**OmegaConf.load(DEMO_CONFIG).model.params.first_stage_config.params)
     torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
     config = write(ldm_config(str(tmp_path / "other.ckpt")), tmp_path / "ldm.yaml")
     assert main.main(["--base", config, "--logdir", str(tmp_path / "run")]) == 2
