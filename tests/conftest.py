@@ -7,10 +7,15 @@ import gzip
 import importlib.util
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import save_state_dict
@@ -86,6 +91,86 @@ def assert_computes_as(model, reference) -> None:
         assert torch.equal(c, reference.get_learned_conditioning(["a red cube", ""]))
         assert torch.equal(model.apply_model(x, t, c), reference.apply_model(x, t, c))
         assert torch.equal(model.decode_first_stage(x[:1]), reference.decode_first_stage(x[:1]))
+
+
+def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the largest value, max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """``actual`` is ``expected`` to ``rtol`` of its largest value (:func:`rel_max`)."""
+    error = rel_max(actual, expected)
+    assert error <= rtol, f"max |diff| is {error:.3g} x max |expected|, more than {rtol}"
+
+
+def unet_inputs(batch: int = 2, size: int = 8, tokens: int = 7, seed: int = 0, timesteps=(1, 981)):
+    """A tiny UNet's inputs: latents (batch, 4, size, size), the first ``batch`` of ``timesteps`` and
+    a text context (batch, tokens, 48), drawn in that order from a generator seeded ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=gen)
+    return x, torch.tensor(timesteps[:batch]), torch.randn(batch, tokens, 48, generator=gen)
+
+
+# -- images and processes
+def samples(outdir: Path) -> list[Path]:
+    """The images a run wrote into ``outdir/samples``, in order."""
+    return sorted((outdir / "samples").glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def assert_valid_pngs(paths) -> None:
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()  # a truncated PNG fails here
+
+
+def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    """Images of the same computation in another order of float operations: a truncation to uint8
+    may flip, by one level, in under 1% of the pixels."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
+
+
+def shape_mask(image: np.ndarray) -> np.ndarray:
+    """The pixels of a drawn shape: the background is white, every shape colour has a dark channel."""
+    return image.min(-1) < 150
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    """How much of its bounding box a shape fills (circle pi/4, square 1, triangle 1/2)."""
+    ys, xs = np.nonzero(mask)
+    return float(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python process: this checkout's ``ldm`` first on its path (not an
+    installed copy), and one thread as in this process (thread counts change float rounding)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def wait_for(condition, timeout: float, alive=lambda: True, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it holds; fail if ``alive()`` turns false first or after ``timeout``
+    seconds (a bound against hanging, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert alive(), f"ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
 
 
 def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):

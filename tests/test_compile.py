@@ -11,14 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, unet_inputs
 from ldm.modules.attention import set_attention_implementation
 from ldm.modules.diffusionmodules.util import timestep_embedding
-
-
-def inputs(batch: int = 2):
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 4, 8, 8, generator=gen), torch.tensor([1, 981])[:batch], torch.randn(batch, 7, 48, generator=gen)
 
 
 def assert_no_graph_breaks(fn, *args) -> None:
@@ -44,13 +39,13 @@ def test_unet_has_no_graph_breaks(unets, name):
     else:
         unet = unets["original"]
         set_attention_implementation(unet, name)
-    assert_no_graph_breaks(unet, *inputs())
+    assert_no_graph_breaks(unet, *unet_inputs())
 
 
 @pytest.mark.parametrize("family", ["x4", "unclip"])
 def test_class_conditional_unet_has_no_graph_breaks(family, tiny_x4_model, tiny_unclip_models):
     """The label embedding (x4: integer noise levels; unCLIP: the adm vector) stays in the graph."""
-    x, t, context = inputs()
+    x, t, context = unet_inputs()
     if family == "x4":
         unet, x, y = tiny_x4_model.model.diffusion_model, torch.cat([x, x[:, :3]], 1), torch.tensor([20, 350])
     else:
@@ -73,7 +68,7 @@ def test_timestep_embedding_has_no_graph_breaks():
 def test_compiled_unet_matches_eager(unets):
     """Inductor on the CPU, native-MHA UNet, whole graph (fullgraph=True fails on any break)."""
     unet = unets["native"]
-    x, t, context = inputs()
+    x, t, context = unet_inputs()
     torch._dynamo.reset()
     compiled = torch.compile(unet, backend="inductor", fullgraph=True)
     with torch.no_grad():

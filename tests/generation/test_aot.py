@@ -15,16 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import rel_max
 from ldm.generation import aot, speed
 
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
-
-
-def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture()

@@ -17,19 +17,10 @@ import logging
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import rel_max, tiny_model, unet_inputs
 from ldm.generation import speed
 from ldm.generation.model import Model
 from ldm.generation.settings import ModelSettings
-
-
-def unet_inputs():
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([1, 981]), torch.randn(2, 7, 48, generator=gen)
-
-
-def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture()
