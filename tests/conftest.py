@@ -173,6 +173,25 @@ def wait_for(condition, timeout: float, alive=lambda: True, what: str = "the con
         time.sleep(0.05)
 
 
+def vae_training_config() -> dict:
+    """main.py's config for 3 steps of the tiny autoencoder on 16x16 shapes (f = 8: 2x2 latents,
+    enough to run every layer), checkpointed every 2 steps."""
+    return {
+        "seed": 1,
+        "model": {
+            "target": "ldm.training.autoencoder.AutoencoderTrainer",
+            "params": {"first_stage_config": tiny_config().model.params.first_stage_config, "learning_rate": 1e-3},
+        },
+        "data": {"target": "ldm.data.shapes.ShapesDataset", "params": {"num_samples": 8, "size": 16}, "batch_size": 4},
+        "lightning": {"checkpoint_every_n_steps": 2, "trainer": {"max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False}},
+    }
+
+
+def save_yaml(config: dict, path: Path) -> str:
+    OmegaConf.save(OmegaConf.create(config), path)
+    return str(path)
+
+
 def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):
     return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
 
