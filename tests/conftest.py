@@ -163,6 +163,27 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
+
+
+def pids_with_env(*entries: str) -> list[int]:
+    """The processes whose environment holds every ``NAME=value`` of ``entries``, in sessions other
+    than this process's: the children started in their own session (torchrun's, a benchmark run's)
+    and what they started, not this process's helpers (multiprocessing's resource tracker)."""
+    wanted, ours = {entry.encode() for entry in entries}, os.getsid(0)
+    found = []
+    for path in Path("/proc").iterdir():
+        if not path.name.isdigit():
+            continue
+        try:
+            session = int((path / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            if session != ours and wanted <= set((path / "environ").read_bytes().split(b"\0")):
+                found.append(int(path.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 def wait_for(condition, timeout: float, alive=lambda: True, what: str = "the condition") -> None:
     """Poll ``condition()`` until it holds; fail if ``alive()`` turns false first or after ``timeout``
     seconds (a bound against hanging, not a measurement)."""

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, assert_valid_pngs, child_env, free_port, samples, wait_for
+from conftest import ROOT, assert_valid_pngs, child_env, free_port, needs_proc, pids_with_env, samples, wait_for
 from ldm.generation import main
 from ldm.generation.distributed import JobSettings, Plan, batch_seed, job_units
 from ldm.generation.errors import UsageError
@@ -250,22 +250,8 @@ def test_a_failing_rank_stops_the_others_with_its_reason(tiny_files, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
-def _rank_pid(port: int, rank: int) -> int | None:
-    """The process of ``rank`` in the torchrun run on ``port``, found through /proc."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = set((entry / "environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if f"MASTER_PORT={port}".encode() in env and f"RANK={rank}".encode() in env and b"LOCAL_RANK=1" in env:
-            return int(entry.name)
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+@needs_proc
 def test_a_killed_rank_stops_the_others_in_bounded_time_and_the_job_resumes(tiny_files, tmp_path):
     out = tmp_path / "out"
     flags = [*model_flags(tiny_files), *FAST, "--n_samples", "1", "--n_iter", "60", "--outdir", str(out), "--skip_existing"]
@@ -273,8 +259,7 @@ def test_a_killed_rank_stops_the_others_in_bounded_time_and_the_job_resumes(tiny
     proc = torchrun(flags, port)
     try:
         wait_for(lambda: len(samples(out)) >= 4, timeout=300, alive=lambda: proc.poll() is None, what="4 images")
-        pid = _rank_pid(port, 1)
-        assert pid is not None
+        (pid,) = pids_with_env(f"MASTER_PORT={port}", "RANK=1", "LOCAL_RANK=1")
         os.kill(pid, signal.SIGKILL)
     except BaseException:
         stop(proc)
