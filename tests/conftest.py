@@ -124,6 +124,11 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def sample_images(outdir: Path) -> list[np.ndarray]:
+    """The pixels of the images a run wrote into ``outdir/samples``, in order."""
+    return [pixels(path) for path in samples(outdir)]
+
+
 def assert_valid_pngs(paths) -> None:
     for path in paths:
         with Image.open(path) as image:

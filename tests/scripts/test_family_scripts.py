@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import load_script, randomize_, tiny_family_config, tiny_unclip_config, tiny_x4_config
+from conftest import (assert_same_images, load_script, randomize_, sample_images, tiny_family_config, tiny_family_model,
+                      tiny_unclip_config, tiny_x4_config)
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
 from ldm.generation.images import load_init_image, pad_to_multiple
@@ -29,11 +30,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 FAST = ["--steps", "2", "--n_iter", "1", "--precision", "full", "--no_watermark", "--seed", "7"]
 
 
-def write_model(folder: Path, config, seed: int, depth: bool = False) -> dict[str, Path]:
-    model = randomize_(build_model(config, "cpu"), seed).eval()
-    if depth:  # as tests/conftest.py's tiny depth model: a depth map that is not constant
-        with torch.no_grad():
-            model.depth_model.model.scratch.output_conv[4].bias.add_(2.0)
+def write_model(folder: Path, config, model) -> dict[str, Path]:
     OmegaConf.save(config, folder / "config.yaml")
     save_state_dict(model.state_dict(), folder / "model.safetensors")
     return {"config": folder / "config.yaml", "ckpt": folder / "model.safetensors"}
@@ -42,17 +39,20 @@ def write_model(folder: Path, config, seed: int, depth: bool = False) -> dict[st
 @pytest.fixture(scope="module")
 def families(tmp_path_factory, tiny_clip_stats) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("families")
-    configs = {
-        "inpaint": (tiny_family_config("inpainting"), 11, False),
-        "depth2img": (tiny_family_config("depth"), 12, True),
-        "upscale": (tiny_x4_config(), 13, False),
-        "variations": (tiny_unclip_config("h"), 14, False),
-        "variations-l": (tiny_unclip_config("l", tiny_clip_stats), 15, False),
+    def random(config, seed: int):
+        return config, randomize_(build_model(config, "cpu"), seed).eval()
+
+    models = {
+        "inpaint": (tiny_family_config("inpainting"), tiny_family_model("inpainting", seed=11)),
+        "depth2img": (tiny_family_config("depth"), tiny_family_model("depth", seed=12)),
+        "upscale": random(tiny_x4_config(), 13),
+        "variations": random(tiny_unclip_config("h"), 14),
+        "variations-l": random(tiny_unclip_config("l", tiny_clip_stats), 15),
     }
     files = {}
-    for name, (config, seed, depth) in configs.items():
+    for name, (config, model) in models.items():
         (root / name).mkdir()
-        files[name] = write_model(root / name, config, seed, depth)
+        files[name] = write_model(root / name, config, model)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "image.png")
     mask = np.zeros((40, 50), np.uint8)
@@ -72,25 +72,9 @@ def run(families, task: str, outdir: Path, *flags: str, model: str | None = None
     return main(["--config", str(files["config"]), "--ckpt", str(files["ckpt"]), "--outdir", str(outdir), *FAST, *flags], task)
 
 
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def samples(outdir: Path) -> list[np.ndarray]:
-    return [pixels(p) for p in sorted((outdir / "samples").glob("*.png"))]
-
-
 def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
     x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
     return [(255.0 * s.cpu().numpy().transpose(1, 2, 0)).astype(np.uint8) for s in x]
-
-
-def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        assert a.shape == b.shape
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
 
 
 def demo_image(path: Path) -> torch.Tensor:
@@ -107,7 +91,7 @@ def test_inpaint_matches_the_original_demo(families, tmp_path):
     inputs = families["inputs"]
     assert run(families, "inpaint", tmp_path, "--image", str(inputs["image"]), "--mask", str(inputs["mask"]),
                "--prompt", "a cat", "--n_samples", "2") == 0
-    got = samples(tmp_path)
+    got = sample_images(tmp_path)
     with Image.open(sorted((tmp_path / "samples").glob("*.png"))[0]) as png:
         assert (png.text["image"], png.text["mask"], png.text["eta"], png.text["scale"]) == ("image.png", "mask.png", "1.0", "10.0")
 
@@ -147,7 +131,7 @@ def test_depth2img_matches_the_original_demo(families, tmp_path):
         samples_ = sampler.decode(z_enc, {"c_concat": [c_cat], "c_crossattn": [c]}, t_enc, unconditional_guidance_scale=9.0,
                                   unconditional_conditioning={"c_concat": [c_cat], "c_crossattn": [uc]})
         expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(samples_))]
-    assert_same_images(samples(tmp_path), expected)
+    assert_same_images(sample_images(tmp_path), expected)
 
 
 def test_depth2img_takes_a_depth_map(families, tmp_path):
@@ -155,7 +139,7 @@ def test_depth2img_takes_a_depth_map(families, tmp_path):
     flags = ["--image", str(inputs["image"]), "--strength", "1.0"]
     assert run(families, "depth2img", tmp_path / "midas", *flags) == 0
     assert run(families, "depth2img", tmp_path / "map", *flags, "--depth-map", str(inputs["depth"])) == 0
-    [midas], [given] = samples(tmp_path / "midas"), samples(tmp_path / "map")
+    [midas], [given] = sample_images(tmp_path / "midas"), sample_images(tmp_path / "map")
     assert given.shape == (40, 50, 3) and not np.array_equal(midas, given)  # the depth map conditions the result
     with Image.open(sorted((tmp_path / "map" / "samples").glob("*.png"))[0]) as png:
         assert png.text["depth_map"] == "depth.png"
@@ -177,7 +161,7 @@ def test_upscale_matches_the_original_demo(families, tmp_path):
                                          verbose=False, eta=0.0, unconditional_guidance_scale=10.0, x_T=start_code,
                                          unconditional_conditioning={"c_concat": [x_aug], "c_crossattn": [uc], "c_adm": level})
         expected = [x[: 4 * 16, : 4 * 24] for x in to_uint8(model.decode_first_stage(z))]
-    got = samples(tmp_path)
+    got = sample_images(tmp_path)
     assert got[0].shape == (64, 96, 3)  # four times the input
     assert_same_images(got, expected)
 
@@ -198,7 +182,7 @@ def test_variations_match_the_original_demo(families, tmp_path):
                                          unconditional_guidance_scale=10.0, x_T=None,
                                          unconditional_conditioning={"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)})
         expected = to_uint8(model.decode_first_stage(z))
-    assert_same_images(samples(tmp_path), expected)
+    assert_same_images(sample_images(tmp_path), expected)
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])
@@ -222,7 +206,7 @@ def test_depth2img_with_a_k_sampler(families, tmp_path, strength):
         start = {"init": z, "denoise_steps": 2} if strength < 1 else {"denoise_steps": 4}
         latents = SAMPLERS["euler"].sample(model, SampleRequest(cond, uncond, 9.0, 4, tuple(z.shape), schedule="karras", **start))
         expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(latents))]
-    assert_same_images(samples(tmp_path), expected)
+    assert_same_images(sample_images(tmp_path), expected)
 
 
 def test_variations_with_a_k_sampler(families, tmp_path):
@@ -242,7 +226,7 @@ def test_variations_with_a_k_sampler(families, tmp_path):
         request = SampleRequest({"c_crossattn": [c], "c_adm": adm}, {"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)},
                                 10.0, 2, (1, 4, 8, 8), schedule="karras")
         expected = to_uint8(model.decode_first_stage(SAMPLERS["dpmpp_2m"].sample(model, request)))
-    assert_same_images(samples(tmp_path), expected)
+    assert_same_images(sample_images(tmp_path), expected)
 
 
 def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats, capsys):
@@ -255,7 +239,7 @@ def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats,
     err = capsys.readouterr().err
     assert "ViT-L-14_stats.th" in err and "--clip_stats" in err and not (tmp_path / "out").exists()
     assert main(["--config", str(tmp_path / "no-stats.yaml"), *flags, "--clip_stats", str(tiny_clip_stats)], "variations") == 0
-    assert len(samples(tmp_path / "out")) == 1
+    assert len(sample_images(tmp_path / "out")) == 1
 
 
 @pytest.mark.parametrize("script, task", [("inpaint.py", "inpaint"), ("depth2img.py", "depth2img"), ("upscale.py", "upscale"),
