@@ -40,6 +40,7 @@ def forbid_compiling(monkeypatch):
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_package_instead_of_compiling(folder, monkeypatch, caplog):
     net, x = small_net(), torch.randn(2, 3, 6, 6)
     with torch.no_grad():
@@ -55,6 +56,7 @@ def test_a_second_process_loads_the_package_instead_of_compiling(folder, monkeyp
         assert list(folder.glob("*.pt2")) == [package]
 
 
+@pytest.mark.slow
 def test_compile_module_replaces_forward_with_a_package(tmp_path, monkeypatch):
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
     net, x = small_net(), torch.randn(2, 3, 6, 6)
@@ -97,6 +99,7 @@ def test_the_key_follows_what_the_compiled_code_depends_on(folder):
     assert packaged(settings, folder).key((x,), {}) != base
 
 
+@pytest.mark.slow
 def test_a_damaged_package_is_compiled_again(folder, caplog):
     net, x = small_net(), torch.randn(2, 3, 6, 6)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """ldm/generation/speed.py: the precision chosen on CPUs with and without native bfloat16 (the
 capability query monkeypatched), UNet weights held in bfloat16 (bit-identical under autocast),
 the UNet compiled for frozen inference weights against eager (and with it the VAE decoder, a whole
-generation against eager), and inductor's on-disk cache folder (the packages: test_aot.py).
+generation against eager; these compilations are marked slow), and inductor's on-disk cache folder (the packages: test_aot.py).
 
 Tolerances: compiled float32 against eager float32, 1e-4 of the output's scale (as tests/test_compile.py:
 float32 rounding reordered by fusion); bfloat16 (autocast) against float32, 3e-2 of the output's
@@ -178,12 +178,14 @@ def compiled_pair():
     return unet, fp32, speed.compile_module(bf16, "cpu")
 
 
+@pytest.mark.slow
 def test_compiled_float32_equals_eager(compiled_pair):
     unet, fp32, _ = compiled_pair
     with torch.no_grad():
         assert rel_max(fp32(*unet_inputs()), unet(*unet_inputs())) <= 1e-4
 
 
+@pytest.mark.slow
 def test_compiled_bf16_against_eager(compiled_pair):
     unet, _, bf16 = compiled_pair
     with torch.no_grad():
@@ -196,6 +198,7 @@ def test_compiled_bf16_against_eager(compiled_pair):
     assert rel_max(compiled, eager) <= 3e-2
 
 
+@pytest.mark.slow
 def test_compile_covers_the_unet_and_on_the_cpu_the_vae_decoder(tiny_files):
     """--compile on the CPU: the UNet and the VAE decoder compiled (frozen), the images those of eager
     float32 to 1e-4 (fusion reorders float32 roundings; the images are in [0, 1])."""
