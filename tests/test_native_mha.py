@@ -189,7 +189,8 @@ def test_loader_names_the_conversion_command(tiny_files, tmp_path, original_stat
     with pytest.raises(CheckpointError) as e:
         load_model_from_config(tiny_config(), native_file)
     assert "`python tools/convert_native_mha.py --reverse IN OUT`" in str(e.value)
-    assert load_model_from_config(tiny_config(native_mha=True), native_file) is not None
+    loaded = load_model_from_config(tiny_config(native_mha=True), native_file).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in to_native(original_state).items())
 
 
 # -- inpainting and depth families: the converter serves their *_native_mha.yaml twins

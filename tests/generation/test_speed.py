@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 
-from conftest import rel_max, tiny_model, unet_inputs
+from conftest import child_env, rel_max, tiny_model, unet_inputs
 from ldm.generation import speed
 from ldm.generation.model import Model
 from ldm.generation.settings import ModelSettings
@@ -158,11 +158,11 @@ def test_cache_folder_survives_torchs_import(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != speed.CACHE_ENV} | {"XDG_CACHE_HOME": str(tmp_path)}
+    env = {k: v for k, v in child_env(XDG_CACHE_HOME=str(tmp_path)).items() if k != speed.CACHE_ENV}
     code = ("import os, torch._dynamo; from ldm.generation import speed; print(os.environ.get(speed.CACHE_ENV)); "
             "print(speed.use_compile_cache()); print(os.environ[speed.CACHE_ENV])")
     filled, chosen, env_after = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                               check=True).stdout.split()
+                                               check=True, timeout=120).stdout.split()
     ours = str(tmp_path / "ldm-sd2" / "torchinductor")
     assert filled != ours and chosen == ours and env_after == ours
 
