@@ -78,6 +78,7 @@ def test_compiled_unet_matches_eager(unets):
     assert_close(actual, expected, 1e-4)
 
 
+@pytest.mark.slow
 def test_every_sampler_runs_a_compiled_unet_without_breaks_or_recompiles(guidance_inputs):
     """A whole run of each sampler through one compiled UNet (fullgraph: a break fails): it compiles at
     most once per timestep dtype (DDIM and PLMS pass integer timesteps, the rest fractional ones) and

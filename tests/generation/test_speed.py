@@ -108,6 +108,7 @@ def test_inductor_options():
     assert speed.inductor_options("cuda", "max-autotune") is None  # the mode as is
 
 
+@pytest.mark.slow
 def test_compiled_weights_are_frozen_and_prepacked():
     """--compile on the CPU really freezes: oneDNN-prepacked convolution and linear weights (passing
     ``freezing`` only as a torch.compile option froze nothing) and no change to the global config."""

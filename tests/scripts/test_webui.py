@@ -412,6 +412,7 @@ def test_bad_model_flags_are_one_error_line(tiny_files, capsys):
                        "--device", "cpu", "--disable_flash", "--disable_math"]) == 2
 
 
+@pytest.mark.slow
 def test_command_line_serves_on_localhost(tiny_files, tmp_path):
     port = free_port()
     flags = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--device", "cpu",
