@@ -1,10 +1,11 @@
 """scripts/webui.py on the tiny model, served on 127.0.0.1 and a free port. A real Chromium drives
 the page: it types a prompt, clicks Generate, sees the progress and reads the image's pixels; it
 paints an inpainting mask on the tiny inpainting model; it sees a refused input's message; the page
-asks nothing of other hosts (the browser tests are marked slow). gradio_client calls every endpoint:
+asks nothing of other hosts (these browser tests are marked slow). gradio_client calls every endpoint:
 the same images, PNG file and metadata as the scripts for the same seed, progress per sampler step.
 8 requests at once all complete. A full queue and bad inputs are messages, and the server keeps
-serving. The command line starts a server on 127.0.0.1, the demo model without --config/--ckpt."""
+serving. The command line starts a server on 127.0.0.1 (a process: marked slow), the demo model
+without --config/--ckpt."""
 
 from __future__ import annotations
 
