@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny model with the SD2 structure and random weights, its config and
-checkpoint files. Every test module builds its models from here, never its own copy."""
+checkpoint files. Every test module builds its models from here, never its own copy. Also the
+helpers the modules share (comparisons, image files, child processes), each defined once."""
 
 from __future__ import annotations
 
@@ -369,12 +370,6 @@ def tiny_depth_model():
     return tiny_family_model("depth")
 
 
-
-
-
-
-
-
 # Our (the original's) names -> transformers' names; the ViT's fused qkv is split separately
 # and the backbone's ImageNet classifier (``pretrained.model.head``, unused by DPT) has no peer.
 MIDAS_TO_TRANSFORMERS = [
@@ -526,8 +521,6 @@ def tiny_unclip_models(tiny_clip_stats) -> dict:
         "l": randomize_(build_model(tiny_unclip_config("l", tiny_clip_stats), "cpu"), seed=6).eval(),
         "h": randomize_(build_model(tiny_unclip_config("h"), "cpu"), seed=7).eval(),
     }
-
-
 
 
 def transformers_vision_twin(embedder):

@@ -372,7 +372,8 @@ def test_browser_paints_a_mask_in_the_page_and_inpaints(browser, inpaint_server,
     page.mouse.up()
     page.locator("#inpaint-generate").click()
     shown = page.locator("#inpaint-images img").first
-    shown.wait_for()
+    shown.or_(page.get_by_text("the mask is empty")).first.wait_for()
+    assert shown.is_visible(), "the page saw no stroke: the mask is empty"
     with Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body())) as result:
         assert result.size == (SIZE, SIZE) and result.text["software"] == "ldm-sd2 inpaint"
     page.close()
