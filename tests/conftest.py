@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm.checkpoint import save_state_dict
 from ldm.loading import build_model
