@@ -219,7 +219,7 @@ def test_child_past_the_time_limit_is_killed_with_its_session(tiny_files, tmp_pa
     marker = f"LDM_TEST_RUN={tmp_path}"
     monkeypatch.setenv("LDM_TEST_RUN", str(tmp_path))
     run = tiny_run(tiny_files, tmp_path / "run", compile=True)  # compiling takes far longer than the limit
-    returncode, wall, output = timing.run_in_child(run, tmp_path / "log.txt", timeout=8.0)
+    returncode, wall, output = timing.run_in_child(run, tmp_path / "log.txt", timeout=4.0)
     assert returncode is None and bm.classify_failure(returncode, output)[0] == "timeout"
     wait_for(lambda: not pids_with_env(marker), timeout=30, what="the end of the child's processes")
 
