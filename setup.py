@@ -26,6 +26,7 @@ setup(
         "webui": ["gradio>=6,<7", "gradio_client>=2"],
         "test": ["pytest", "pytest-timeout", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia", "torchsde"],
         "xformers": ["xformers"],
+        "controlnet": ["kornia"],  # --preprocess canny
         "watermark": ["invisible-watermark"],
     },
 )

@@ -1,7 +1,7 @@
 """Reading, writing and strictly applying checkpoints.
 
 One reader for ``.ckpt``/``.pt``/``.pth`` (pickles, loaded with ``weights_only=True``: a
-pickle that tries to run code is refused) and ``.safetensors``; atomic writers; and a
+pickle that tries to run code is refused), ``.safetensors`` and diffusers folders; atomic writers; and a
 strict loader that explains what a mismatch most likely means.
 """
 
@@ -12,12 +12,15 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ldm.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +67,17 @@ def _refusal_detail(error: pickle.UnpicklingError) -> str:
     return detail[0] if detail else lines[0]
 
 
-def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors: its ``state_dict`` entry, or the flat dict itself."""
+def load_state_dict(
+    path: str | os.PathLike, device: str | torch.device = "cpu", config: DictConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors: its ``state_dict`` entry, or the flat dict itself; a diffusers
+    folder converted to the original layout of ``config``'s model (None: the folder's own config;
+    see :mod:`ldm.diffusers_format`)."""
     path = Path(path)
+    if path.is_dir():
+        from ldm.diffusers_format import load_folder
+
+        return load_folder(path, config, device)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if _is_safetensors(path):

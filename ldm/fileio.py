@@ -1,10 +1,11 @@
-"""Atomic file writing: a temporary file beside the target, renamed into place only when complete,
-so that an interrupted write never leaves a partial file or clobbers an existing one."""
+"""Atomic file writing: a temporary file (or folder) beside the target, renamed into place only when
+complete, so that an interrupted write never leaves a partial file or clobbers an existing one."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -53,6 +54,31 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, suffix: str = 
                 os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden folder beside ``path`` to fill; on success it becomes ``path``, replacing an
+    existing one only with ``overwrite``; on failure it is removed and ``path`` left as it was."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's is 0700
+        if path.exists():  # overwrite: the old one steps aside first, and goes once the new one is in place
+            old = tmp.with_suffix(".old")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> None:

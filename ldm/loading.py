@@ -47,7 +47,8 @@ def load_model_from_config(
     :class:`~ldm.checkpoint.CheckpointError` naming the likely cause.
     """
     device = torch.device(device)
-    state = load_state_dict(ckpt, device="cpu")
+    config = load_config(config)
+    state = load_state_dict(ckpt, device="cpu", config=config)
     model = build_model(config, "meta")
     try:
         apply_state_dict(model, state, strict=strict, assign=True)

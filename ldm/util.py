@@ -7,7 +7,19 @@ from typing import Any, Mapping
 
 from ldm.checkpoint import load_state_dict
 
-__all__ = ["get_obj_from_str", "instantiate_from_config", "load_state_dict"]
+__all__ = ["default", "exists", "get_obj_from_str", "instantiate_from_config", "load_state_dict"]
+
+
+def exists(x: Any) -> bool:
+    """Whether ``x`` is not None (the original's helper, which its demos import)."""
+    return x is not None
+
+
+def default(value: Any, fallback: Any) -> Any:
+    """``value``, or ``fallback`` (called if it is a function) when ``value`` is None."""
+    if value is not None:
+        return value
+    return fallback() if callable(fallback) else fallback
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from ldm import benchmarking as bm
+from ldm.checkpoint import CheckpointError
+from ldm.diffusers_format import check_config, inspect_folder
 from ldm.fileio import write_bytes
 from ldm.generation.errors import GenerationError
 from ldm.generation.model import model_geometry
@@ -48,7 +50,8 @@ RANDOM_WEIGHTS = "random-weights.safetensors"
 RANDOM_SEED = 0
 NOISE_NOTE = "random weights: the images are noise; only the timings mean something"
 NATIVE_CONFIG, NATIVE_WEIGHTS = "native-mha-config.yaml", "native-mha-weights.safetensors"
-RESULTS = ("runs.json", "runs.csv", "summary.md", "runs", NATIVE_CONFIG, NATIVE_WEIGHTS)
+CONVERTED_WEIGHTS = "diffusers-folder-weights.safetensors"  # a --ckpt diffusers folder, converted once for every run
+RESULTS = ("runs.json", "runs.csv", "summary.md", "runs", NATIVE_CONFIG, NATIVE_WEIGHTS, CONVERTED_WEIGHTS)
 
 
 def default_config(task: str) -> Path:
@@ -63,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=None,
                    help="original-layout inference config (default: v2-inference.yaml, or the task's own family config)")
     weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--ckpt", type=Path, help="original-layout checkpoint (.ckpt or .safetensors)")
+    weights.add_argument("--ckpt", type=Path, help="original-layout checkpoint (.ckpt or .safetensors), or a diffusers "
+                         "folder (converted once into the outdir; without --config, txt2img takes the folder's own)")
     weights.add_argument(
         "--random-weights",
         action="store_true",
@@ -99,8 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", type=Path, default=Path("outputs/benchmark"))
     p.add_argument("--force", action="store_true", help="replace the results of an earlier benchmark in --outdir")
     args = p.parse_args(argv)
+    folder = None
+    if args.ckpt is not None and args.ckpt.is_dir():
+        try:
+            folder = inspect_folder(args.ckpt)
+        except CheckpointError as e:
+            p.error(f"--ckpt: {e}")
     if args.config is None:
-        args.config = default_config(args.task)
+        args.config = folder.config_path if folder and args.task == "txt2img" else default_config(args.task)
     try:
         args.selected = bm.select(args.configs, args.device)
         bm.plan(args.selected, args.batch_sizes, args.rounds)
@@ -109,12 +119,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "n_iter", "H", "W"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.ckpt is not None and not args.ckpt.is_file():
+    if args.ckpt is not None and folder is None and not args.ckpt.is_file():
         p.error(f"checkpoint not found: {args.ckpt}")
     try:
         config = load_config(args.config)
     except FileNotFoundError as e:
         p.error(str(e))
+    if folder is not None:
+        try:
+            check_config(folder, config, args.config)
+        except CheckpointError as e:
+            p.error(f"--ckpt: {e}")
     if config.model.params.unet_config.params.get("use_native_mha", False):
         p.error(f"{args.config} is a native-MHA config: pass the original-layout config (add --native-mha for that layout)")
     try:
@@ -178,6 +193,16 @@ def random_checkpoint(config_path: Path, outdir: Path) -> Path:
     model = build_model(config_path, "cpu")
     save_state_dict(model.state_dict(), path, overwrite=True, metadata=meta)
     return path
+
+
+def converted_checkpoint(config_path: Path, folder: Path, outdir: Path) -> Path:
+    """The diffusers ``folder`` as an original-layout file for ``config_path`` in ``outdir``, so that
+    ours, the peers and the native-MHA conversion all read the same weights from one file."""
+    from ldm.checkpoint import load_state_dict, save_state_dict
+
+    logger.info("converting the diffusers folder %s -> %s", folder, outdir / CONVERTED_WEIGHTS)
+    save_state_dict(load_state_dict(folder, config=load_config(config_path)), outdir / CONVERTED_WEIGHTS, overwrite=True)
+    return outdir / CONVERTED_WEIGHTS
 
 
 def native_mha_files(config_path: Path, ckpt: Path, outdir: Path) -> tuple[Path, Path]:
@@ -335,8 +360,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.random_weights:
         print(f"Note: {NOISE_NOTE}.")
     args.outdir = args.outdir.resolve()
-    ckpt = random_checkpoint(args.config, args.outdir) if args.random_weights else args.ckpt.resolve()
     args.config = args.config.resolve()
+    if args.random_weights:
+        ckpt = random_checkpoint(args.config, args.outdir)
+    else:
+        ckpt = converted_checkpoint(args.config, args.ckpt, args.outdir) if args.ckpt.is_dir() else args.ckpt.resolve()
     files = {False: (args.config, ckpt)}
     files[True] = native_mha_files(args.config, ckpt, args.outdir) if args.native_mha else files[False]
     commit = git_commit()

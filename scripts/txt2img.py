@@ -10,7 +10,20 @@ Every flag: ``--help`` and docs/txt2img.md.
 
 import sys
 
+import numpy as np
+from PIL import Image
+
 from ldm.generation import main
+from ldm.generation.images import encode_watermark
+
+
+def put_watermark(img: Image.Image, wm_encoder=None) -> Image.Image:
+    """``img`` with the invisible watermark of ``wm_encoder`` (an imwatermark ``WatermarkEncoder``),
+    or unchanged without one: the original script's helper, which its demos import from here."""
+    if wm_encoder is None:
+        return img
+    return Image.fromarray(encode_watermark(np.array(img.convert("RGB")), wm_encoder))
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], "txt2img"))

@@ -23,13 +23,16 @@ import gradio as gr
 from PIL import Image, ImageChops
 
 from ldm.generation.argtypes import int_at_least, positive
+from ldm.generation.control import PREPROCESSORS, ControlSettings
 from ldm.generation.errors import GenerationError, UsageError
+from ldm.generation.images import to_uint8
 from ldm.generation.model import Model
 from ldm.generation.options import DEMO_PROMPT, add_model_arguments, default_schedule, model_settings_from_args, sampling_defaults
 from ldm.generation.run import cli_logging, report_error
 from ldm.generation.serving import SEED_LIMIT, ModelServer, check_mask, resolve_seed
 from ldm.generation.settings import SamplingSettings
 from ldm.generation.tasks import TASKS
+from ldm.lora import lora_names
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.models.diffusion.schedules import SCHEDULES
 
@@ -82,9 +85,11 @@ class WebUI:
             "upscale": ("Upscale x4", self.upscale_tab),
             "variations": ("Variations", self.variations_tab),
         }
+        if server.controlnets and "txt2img" in server.tasks:
+            self.tabs["controlnet"] = ("ControlNet", self.controlnet_tab)
 
     def build(self) -> gr.Blocks:
-        shown = [task for task in self.server.tasks if task in self.tabs]
+        shown = [task for task in [*self.server.tasks, "controlnet"] if task in self.tabs]
         for task in set(self.server.tasks) - set(shown):
             logger.warning("the model serves %s, but this web UI has no tab for it yet", task)
         if not shown:
@@ -102,7 +107,13 @@ class WebUI:
     def header(self) -> str:
         files, s = self.model.files, self.model.settings
         which = f"the demo model (32x32 shapes: try {DEMO_PROMPT!r})" if files.demo else f"`{files.config.name}`, `{files.ckpt.name if files.ckpt else 'random weights'}`"
-        return f"### ldm-sd2\nModel: {which}; {self.model.target} on {s.device}, precision {self.model.computes_in}."
+        line = f"### ldm-sd2\nModel: {which}; {self.model.target} on {s.device}, precision {self.model.computes_in}."
+        if s.loras:
+            line += " LoRA merged: " + ", ".join(f"`{p.name}` x{w}" for p, w in s.loras) + "."
+        if s.lora_dir is not None:
+            names = ", ".join(f"`{name}`" for name in lora_names(s.lora_dir)) or "none"
+            line += f" LoRAs for a prompt's `<lora:NAME:WEIGHT>`: {names}."
+        return line
 
     # -- form parts shared by the tabs ---------------------------------------------------------
     def prompt_row(self, task: str) -> tuple[gr.Textbox, gr.Button]:
@@ -220,6 +231,29 @@ class WebUI:
                 outputs = self.outputs("variations")
         button.click(self.variations, [prompt, image, *controls, noise], outputs, api_name="variations", **ONE_AT_A_TIME)
 
+    def controlnet_tab(self) -> None:
+        g = self.model.geometry
+        prompt, button = self.prompt_row("txt2img")
+        with gr.Row():
+            with gr.Column():
+                with gr.Row():
+                    net = gr.Dropdown(list(self.server.controlnets), value=next(iter(self.server.controlnets)), label="ControlNet")
+                    preprocess = gr.Dropdown(list(PREPROCESSORS), value="none", label="Make the hint from the image")
+                hint = self.image_input("Control image (the hint)")
+                with gr.Row():
+                    weight = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="Weight")
+                    start = gr.Slider(0.0, 1.0, 0.0, step=0.05, label="Start (fraction of sampling)")
+                    end = gr.Slider(0.0, 1.0, 1.0, step=0.05, label="End")
+                guess = gr.Checkbox(False, label="Guess mode (the prompt may be empty; shallow layers weighted down)")
+                controls = self.sampling_controls("txt2img")
+                size = dict(minimum=g.multiple, maximum=max(2 * g.native_size, g.multiple), value=g.native_size, step=g.multiple)
+                controls += [gr.Slider(label="Height", **size), gr.Slider(label="Width", **size)]
+            with gr.Column():
+                outputs = self.outputs("controlnet")
+                used = gr.Image(label="the hint the ControlNet read", type="pil", interactive=False, elem_id="controlnet-hint")
+        inputs = [prompt, hint, net, *controls, weight, start, end, preprocess, guess]
+        button.click(self.controlnet, inputs, [*outputs, used], api_name="controlnet", **ONE_AT_A_TIME)
+
     # -- the endpoints: one per task, named inputs, all but the prompt with defaults -----------
     # Steps, scale, sampler, schedule and strength left out (None) take the task's and the model's defaults.
     def txt2img(self, prompt: str, seed: int = -1, steps: int | None = None, scale: float | None = None, n_samples: int = 1,
@@ -277,6 +311,29 @@ class WebUI:
         return self.generate("variations", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image,
                              int(noise_level), clip_stats=self.server.clip_stats)
 
+    def controlnet(self, prompt: str, hint: str | None = None, controlnet: str | None = None, seed: int = -1,
+                   steps: int | None = None, scale: float | None = None, n_samples: int = 1, sampler: str | None = None,
+                   schedule: str | None = None, height: int | None = None, width: int | None = None, weight: float = 1.0,
+                   start: float = 0.0, end: float = 1.0, preprocess: str = "none", guess_mode: bool = False,
+                   progress: gr.Progress = gr.Progress()):
+        """Text to image guided by a ControlNet of the server's (by file name) reading ``hint``;
+        also returns the hint as the ControlNet saw it (preprocessed, at the image size)."""
+        if hint is None:
+            raise refuse("Upload a control image.")
+        name = controlnet or next(iter(self.server.controlnets))
+        if name not in self.server.controlnets:
+            raise refuse(f"ControlNet {name}: not one this server offers ({', '.join(self.server.controlnets)})")
+        try:
+            control = ControlSettings(self.server.controlnets[name], Path(hint), float(weight), float(start), float(end),
+                                      preprocess, bool(guess_mode))
+        except UsageError as e:
+            raise refuse(e) from None
+        used: list[Image.Image] = []
+        gallery, settings = self.generate("txt2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress,
+                                          height=int(height) if height else None, width=int(width) if width else None,
+                                          controls=[control], seen=used)
+        return gallery, settings, used[0]
+
     def generate(self, task: str, prompt: str | None, seed: Any, steps: Any, scale: Any, n_samples: Any, sampler: str | None,
                  schedule: str | None, progress: gr.Progress, *inputs: Any, **options: Any) -> tuple[list, dict[str, str]]:
         """Run ``task`` on the pipeline layer; every refusal (bad input, non-finite images, memory) is a message."""
@@ -292,6 +349,7 @@ class WebUI:
                                         schedule=schedule)
         except (TypeError, ValueError, UsageError) as e:
             raise refuse(f"bad sampling settings: {e}") from None
+        seen = options.pop("seen", None)
         try:
             pipeline = self.server.pipeline(task, sampling, *inputs, n_samples=int(n_samples), **options)
             result = self.server.run(pipeline, prompt, lambda done, total: progress((done, total), desc="Sampling"))
@@ -299,6 +357,8 @@ class WebUI:
             logger.warning("%s refused: %s", task, e)
             raise refuse(e) from None
         gallery = [(str(path), f"{path.name}, seed {sampling.seed}") for path in result.paths]
+        if seen is not None and pipeline.controller is not None:  # the hints as the ControlNets read them
+            seen += [Image.fromarray(to_uint8(hint[0])) for hint in pipeline.controller.hints]
         return gallery, result.settings
 
 
@@ -318,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("--clip_stats", type=str, default=None,
                    help="unCLIP-L only: Karlo's CLIP embedding statistics, ViT-L-14_stats.th (not part of the checkpoint)")
+    p.add_argument("--controlnet_dir", type=str, default=None,
+                   help="a folder of SD2.1 ControlNets (e.g. control_v11p_sd21_*.safetensors): adds a ControlNet tab offering them")
     return p
 
 
@@ -325,7 +387,7 @@ def build_app(args: argparse.Namespace) -> gr.Blocks:
     """Check the flags, load the model (once) and build the page with its bounded queue."""
     model = Model(model_settings_from_args(args))
     server = ModelServer(model, Path(args.outdir), watermark=not args.no_watermark, max_samples=args.max_samples,
-                         clip_stats=args.clip_stats)
+                         clip_stats=args.clip_stats, controlnet_dir=args.controlnet_dir)
     app = WebUI(server).build()
     model.load()
     logger.info("serving %s with %s", ", ".join(server.tasks), model.files.config)

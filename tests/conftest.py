@@ -139,7 +139,7 @@ def assert_valid_pngs(paths) -> None:
 def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
     """Images of the same computation in another order of float operations: a truncation to uint8
     may flip, by one level, in under 1% of the pixels."""
-    assert len(got) == len(expected)
+    assert len(got) == len(expected) > 0
     for a, b in zip(got, expected):
         assert a.shape == b.shape
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
@@ -574,3 +574,94 @@ def guided_ddim(model, cond, uncond, x_T: torch.Tensor, steps: int = 10, scale: 
         unconditional_guidance_scale=scale, x_T=x_T.clone(), verbose=False,
     )
     return samples
+
+
+# -- diffusers-format folders
+def transformers_text_twin(model, layers: int | None = None):
+    """transformers' CLIPTextModel holding ``model``'s OpenCLIP text tower (diffusers'
+    ``convert_open_clip_checkpoint``), its first ``layers`` layers (None: all of them). SD2's
+    diffusers folders hold all but the last: diffusers conditions on the last hidden state of the
+    layers it has, through the final layer norm, which is the original's penultimate conditioning."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = model.cond_stage_model.model
+    blocks = text.transformer.resblocks
+    layers = len(blocks) if layers is None else layers
+    width = text.token_embedding.weight.shape[1]
+    config = CLIPTextConfig(
+        vocab_size=text.token_embedding.weight.shape[0], hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=blocks[0].attn.num_heads,
+        max_position_embeddings=text.positional_embedding.shape[0], hidden_act="gelu", layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407,
+    )
+    encoder = CLIPTextModel(config).eval()
+    converted = convert_open_clip_checkpoint(encoder, model.state_dict())
+    own = encoder.state_dict().keys()  # transformers >= 5 dropped the ``text_model.`` level
+    converted = {k if k in own else k.removeprefix("text_model."): v for k, v in converted.items()}
+    encoder.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=True)
+    return encoder
+
+
+def sd2_clip_tokenizer(model):
+    """transformers' CLIPTokenizer with the text encoder's BPE, padding with "!" (id 0) as open_clip
+    and SD2's diffusers folders do."""
+    from transformers import CLIPTokenizer
+
+    bpe = model.cond_stage_model.tokenizer
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    start, end = bpe.decoder[bpe.sot_token_id], bpe.decoder[bpe.eot_token_id]
+    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, bos_token=start, eos_token=end, unk_token=end,
+                         pad_token=bpe.decoder[0], model_max_length=77)
+
+
+def diffusers_pipeline_twin(config, model, parameterization: str = "eps"):
+    """diffusers' StableDiffusionPipeline (the inpainting one for a 9-channel UNet) holding ``model``,
+    every component converted by diffusers' and transformers' own code: the folder a user holds."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    unet = diffusers_unet_twin(config, model)
+    pipeline = StableDiffusionInpaintPipeline if unet.config.in_channels == 9 else StableDiffusionPipeline
+    return pipeline(
+        vae=diffusers_vae_twin(config, model), text_encoder=transformers_text_twin(model, len(model.cond_stage_model.model.transformer.resblocks) - 1),
+        tokenizer=sd2_clip_tokenizer(model), unet=unet, scheduler=sd2_ddim_scheduler(parameterization),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers_folders(tmp_path_factory, tiny_eps_model, tiny_v_model) -> dict[str, Path]:
+    """The tiny eps and v models as diffusers folders written by diffusers' ``save_pretrained``."""
+    root = tmp_path_factory.mktemp("diffusers")
+    folders = {}
+    for parameterization, model in (("eps", tiny_eps_model), ("v", tiny_v_model)):
+        folders[parameterization] = root / parameterization
+        diffusers_pipeline_twin(tiny_config(parameterization), model, parameterization).save_pretrained(folders[parameterization])
+    return folders
+
+
+# -- LoRA
+RANK = 4  # of the random LoRAs
+
+
+def random_kohya(model, seed: int, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """A random kohya-format LoRA on every kind of module a LoRA file holds: text encoder q/k/v/out/
+    fc1/fc2, UNet attention, projections, feed-forward, resnet 3x3 convolutions (LoCon), time
+    embedding projections, down- and up-samplers."""
+    from ldm.lora import model_targets
+
+    gen = torch.Generator().manual_seed(seed)
+    kinds = ("_self_attn_q_proj", "_self_attn_k_proj", "_self_attn_v_proj", "_self_attn_out_proj", "_mlp_fc1", "_mlp_fc2",
+             "attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn2_to_k", "attn2_to_v", "proj_in", "proj_out",
+             "ff_net_0_proj", "ff_net_2", "resnets_0_conv1", "resnets_1_conv2", "time_emb_proj", "downsamplers_0_conv",
+             "upsamplers_0_conv", "conv_shortcut")
+    state = {}
+    for name, target in model_targets(model).items():
+        if not name.startswith(("lora_unet_", "lora_te_")) or not name.endswith(kinds):
+            continue
+        shape = target.weight.shape
+        kernel = tuple(shape[2:])
+        down = torch.randn(RANK, shape[1], *kernel, generator=gen) / shape[1] ** 0.5
+        up = torch.randn(shape[0], RANK, *((1, 1) if kernel else ()), generator=gen) / RANK**0.5
+        state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)})
+    return state

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from ldm.fileio import atomic_path, write_bytes, write_text
+from ldm.fileio import atomic_folder, atomic_path, write_bytes, write_text
 
 
 def test_never_overwrites_unless_asked(tmp_path):
@@ -32,3 +32,29 @@ def test_usual_permissions_and_missing_folder(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
     with pytest.raises(FileNotFoundError, match="output folder does not exist"):
         write_text(tmp_path / "missing" / "out.txt", "x")
+
+
+def test_folders_are_written_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_folder(target) as tmp:
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "config.json").write_text("{}")
+    assert (target / "unet" / "config.json").read_text() == "{}"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask()
+    with pytest.raises(FileExistsError):
+        with atomic_folder(target):
+            pass
+    with pytest.raises(ZeroDivisionError):  # a failed overwrite leaves the old folder as it was
+        with atomic_folder(target, overwrite=True) as tmp:
+            (tmp / "partial").write_text("x")
+            1 / 0
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in target.iterdir()] == ["unet"]
+    with atomic_folder(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("y")
+    assert [p.name for p in target.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

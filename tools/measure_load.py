@@ -6,7 +6,8 @@ Compares (a) the naive path, building the model on the CPU with random initialis
 (no allocation, no initialisation) and adopt the file's tensors. The checkpoint is the
 randomly initialised model of (a) written as fp16 safetensors (half the disk and read
 time of fp32; released SD2 files are fp32, about twice as large) to a temporary folder,
-so reads come from a warm page cache.
+so reads come from a warm page cache; (d) loads the same weights written as a diffusers
+folder, converted as they load.
 
 Usage: python tools/measure_load.py [--config configs/stable-diffusion/v2-inference.yaml]
 Needs about 8 GiB of free memory (fp32 model plus its fp16 copy).
@@ -25,7 +26,8 @@ from typing import Callable, TypeVar
 import torch
 
 from ldm.checkpoint import apply_state_dict, load_state_dict, save_state_dict
-from ldm.loading import build_model, load_model_from_config
+from ldm.diffusers_format import save_folder
+from ldm.loading import build_model, load_config, load_model_from_config
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +74,7 @@ def main() -> None:
         del model
         gc.collect()
         timed("    write fp16 safetensors (not part of loading)", results, functools.partial(save_state_dict, state, path))
+        save_folder(state, load_config(args.config), Path(folder) / "diffusers")
         del state
         gc.collect()
         size_gb = path.stat().st_size / 1e9
@@ -90,8 +93,8 @@ def main() -> None:
         del state, meta
         gc.collect()
 
-        def load(dtype):
-            model = load_model_from_config(args.config, path, dtype=dtype)
+        def load(dtype, source=path):
+            model = load_model_from_config(args.config, source, dtype=dtype)
             touch([*model.parameters(), *model.buffers()])
             return model
 
@@ -100,11 +103,17 @@ def main() -> None:
             model = timed(label, results, lambda: load(dtype))
             del model
             gc.collect()
+        model = timed("(d)  the same, float16, from a diffusers folder", results,
+                      lambda: load(torch.float16, Path(folder) / "diffusers"))
+        del model
+        gc.collect()
 
     read = results["(b1) load_state_dict + read every page"]
     overhead = results["(b2) build on meta"] + results["(b3) assign the tensors (apply_state_dict)"]
     print(f"build on meta + assign, on top of reading the file: {overhead:.2f} s ({100 * overhead / read:.0f}% of the read)")
     print(f"the naive path would first spend {results['(a) build on CPU with random init']:.2f} s on random init")
+    folder = results["(d)  the same, float16, from a diffusers folder"] - results["(b)  load_model_from_config, float16, read"]
+    print(f"a diffusers folder instead of the file: {folder:+.2f} s")
 
 
 if __name__ == "__main__":

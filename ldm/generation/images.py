@@ -27,7 +27,7 @@ GRID_NAME = re.compile(r"^grid-(\d{4,})\.png$")
 def load_init_image(path: str, multiple: int, flag: str = "--init-img") -> torch.Tensor:
     """The image as a (1, 3, h, w) tensor in [-1, 1], sides cut down to multiples of ``multiple``
     and resized with Lanczos, as the original img2img does (with 64 for SD2)."""
-    image = _open(path, flag, "RGB")
+    image = open_image(path, flag, "RGB")
     w, h = image.size
     new_w, new_h = w - w % multiple, h - h % multiple
     if not new_w or not new_h:
@@ -39,7 +39,8 @@ def load_init_image(path: str, multiple: int, flag: str = "--init-img") -> torch
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy()) - 1.0
 
 
-def _open(path: str | Path, flag: str, mode: str) -> Image.Image:
+def open_image(path: str | Path, flag: str, mode: str) -> Image.Image:
+    """The image at ``path`` in ``mode`` ("keep": as stored), or a GenerationError naming ``flag``."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -70,7 +71,7 @@ def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
 def load_padded_image(path: str | Path, multiple: int, flag: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """The image as (1, 3, H, W) in [-1, 1], edge-padded to multiples of ``multiple`` (x / 127.5 - 1,
     as the demos), and its size before padding."""
-    array = np.asarray(_open(path, flag, "RGB"))
+    array = np.asarray(open_image(path, flag, "RGB"))
     padded = pad_to_multiple(array, multiple)
     image = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).to(torch.float32) / 127.5 - 1.0
     return image, array.shape[:2]
@@ -78,13 +79,13 @@ def load_padded_image(path: str | Path, multiple: int, flag: str) -> tuple[torch
 
 def load_mask(path: str | Path, multiple: int, flag: str = "--mask") -> tuple[torch.Tensor, tuple[int, int]]:
     """A mask image as (1, 1, H, W) in [0, 1] (grey levels / 255; white = repaint), padded like the image."""
-    array = np.asarray(_open(path, flag, "L")).astype(np.float32) / 255.0
+    array = np.asarray(open_image(path, flag, "L")).astype(np.float32) / 255.0
     return torch.from_numpy(pad_to_multiple(array, multiple)[None, None].copy()), array.shape[:2]
 
 
 def load_depth_map(path: str | Path, flag: str = "--depth-map") -> torch.Tensor:
     """A depth image (8- or 16-bit greyscale; brighter = nearer, as MiDaS' inverse depth) as (1, 1, h, w) float32."""
-    image = _open(path, flag, "keep")
+    image = open_image(path, flag, "keep")
     if image.mode not in ("L", "I", "I;16", "I;16B", "F"):
         image = image.convert("L")
     array = np.asarray(image).astype(np.float32)
@@ -137,8 +138,14 @@ class Watermarker:
                 logger.warning("images below 256x256 pixels cannot carry the invisible watermark: not watermarked")
                 self._warned_small = True
             return array
-        bgr = np.ascontiguousarray(array[:, :, ::-1])
-        return np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1])
+        return encode_watermark(array, self.encoder)
+
+
+def encode_watermark(array: np.ndarray, encoder: Any) -> np.ndarray:
+    """An RGB uint8 ``array`` (H, W, 3) watermarked by an imwatermark ``WatermarkEncoder`` (which
+    works on BGR images), with the original's method (dwtDct)."""
+    bgr = np.ascontiguousarray(array[:, :, ::-1])
+    return np.ascontiguousarray(encoder.encode(bgr, "dwtDct")[:, :, ::-1])
 
 
 def next_number(folder: Path, pattern: re.Pattern) -> int:

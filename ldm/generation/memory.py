@@ -93,8 +93,16 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _unet_step(unet: torch.nn.Module, tokens: int, batch: int, element: int, scores: bool) -> int:
-    """Peak bytes of one UNet evaluation at ``tokens`` latent pixels for ``batch`` inputs."""
+def _controlnet_bytes(unet: torch.nn.Module) -> int:
+    """Bytes of a ControlNet of ``unet`` in float32: its encoder trunk and a 1x1 convolution per
+    output (the hint encoder, ~1 MB, is left out)."""
+    trunk = sum(tensor_bytes(getattr(unet, name)) for name in ("time_embed", "input_blocks", "middle_block"))
+    return trunk + 4 * sum(c * c + c for c in unet.encoder_channels)
+
+
+def _unet_step(unet: torch.nn.Module, tokens: int, batch: int, element: int, scores: bool, controlled: bool = False) -> int:
+    """Peak bytes of one UNet evaluation at ``tokens`` latent pixels for ``batch`` inputs; ``controlled``:
+    with ControlNet residuals, a second set of skip-sized maps held while the UNet runs."""
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import Downsample
 
@@ -112,7 +120,7 @@ def _unet_step(unet: torch.nn.Module, tokens: int, batch: int, element: int, sco
         if transformer is not None and scores:
             heads = _self_attention_heads(transformer)
             score_bytes = max(score_bytes, 2 * heads * level_tokens**2 * 4)
-    return batch * (element * (skips + working) + score_bytes)
+    return batch * (element * (skips * (2 if controlled else 1) + working) + score_bytes)
 
 
 def _block_channels(block: torch.nn.Module) -> int:
@@ -141,21 +149,23 @@ def _decoder_image(vae: torch.nn.Module, height: int, width: int, element: int, 
     return peak
 
 
-def estimate(model, height: int, width: int, batch: int, guided: bool, slice_size: int, tile: int | None = None) -> MemoryEstimate:
+def estimate(model, height: int, width: int, batch: int, guided: bool, slice_size: int, tile: int | None = None,
+             controlnets: int = 0) -> MemoryEstimate:
     """The estimate for a run of ``model`` (a :class:`ldm.generation.model.Model`, not loaded);
-    ``tile``: the decoder runs on tiles of that many latent pixels (plus the blended output)."""
+    ``tile``: the decoder runs on tiles of that many latent pixels (plus the blended output);
+    ``controlnets``: how many ControlNets guide it (their weights, and the residuals they hand on)."""
     settings, device = model.settings, model.device
     disabled = {n for n in ("flash", "mem_efficient", "math") if getattr(settings, f"disable_{n}")}
     scores = _materialises_scores(settings.attention, device, disabled)
     precision = model.computes_in  # the default autocast is float32 on CPUs without native bf16
     element = 4 if precision == "full" else 2
     unet, vae = model.geometry.unet, model.geometry.vae
-    weights = tensor_bytes(model.geometry.net)
+    weights = tensor_bytes(model.geometry.net) + controlnets * _controlnet_bytes(unet)
     if precision != "full":
         weights += weights // 2  # autocast caches a half-precision copy of every weight it casts
     f = model.geometry.vae_factor
     tokens = (height // f) * (width // f)
-    unet_bytes = _unet_step(unet, tokens, batch * (2 if guided else 1), element, scores)
+    unet_bytes = _unet_step(unet, tokens, batch * (2 if guided else 1), element, scores, controlled=controlnets > 0)
     if tile:
         side = tile * f
         per_image = _decoder_image(vae, min(side, height), min(side, width), element, scores) + 2 * 4 * 4 * height * width
@@ -172,12 +182,18 @@ def check_fits(pipeline, guided: bool) -> MemoryEstimate:
     the decoder is too large, decode in tiles (``pipeline.vae_tile_size``) instead."""
     model, height, width, batch = pipeline.model, pipeline.height, pipeline.width, pipeline.n_samples
     slice_size, tile = pipeline.vae_slice_size, pipeline.vae_tile_size
-    need = estimate(model, height, width, batch, guided, slice_size, tile)
+    controller = getattr(pipeline, "controller", None)
+    controlnets = len(controller.settings) if controller is not None else 0
+
+    def run(h: int, w: int, b: int, slices: int, tiles: int | None) -> MemoryEstimate:
+        return estimate(model, h, w, b, guided, slices, tiles, controlnets)
+
+    need = run(height, width, batch, slice_size, tile)
     have = available_memory(model.device)
     if os.environ.get("LDM_MEMORY_CHECK", "1") == "0" or have is None:
         return need
     if need.total > have and not tile:
-        tiled = estimate(model, height, width, batch, guided, 1, DEFAULT_TILE)
+        tiled = run(height, width, batch, 1, DEFAULT_TILE)
         if tiled.total <= have:
             logger.warning("decoding %dx%d images whole needs %s of %.1f GiB available: decoding one at a time in tiles "
                            "of %d latent pixels (see docs/memory.md)", width, height, need.describe(), have / GIB, DEFAULT_TILE)
@@ -187,17 +203,17 @@ def check_fits(pipeline, guided: bool) -> MemoryEstimate:
         logger.info("memory: the run needs %s of %.1f GiB available", need.describe(), have / GIB)
         return need
     fits_batch = next((b for b in range(batch - 1, 0, -1)
-                       if estimate(model, height, width, b, guided, 1, DEFAULT_TILE).total <= have), None)
+                       if run(height, width, b, 1, DEFAULT_TILE).total <= have), None)
     if fits_batch:
         hint = f"--n_samples {fits_batch} fits at {width}x{height}"
     else:
         m = model.geometry.multiple
         side = m
-        while side * 2 <= max(height, width) and estimate(model, side * 2, side * 2, 1, guided, 1, DEFAULT_TILE).total <= have:
+        while side * 2 <= max(height, width) and run(side * 2, side * 2, 1, 1, DEFAULT_TILE).total <= have:
             side *= 2
-        while estimate(model, side + m, side + m, 1, guided, 1, DEFAULT_TILE).total <= have and side + m <= max(height, width):
+        while run(side + m, side + m, 1, 1, DEFAULT_TILE).total <= have and side + m <= max(height, width):
             side += m
-        fits = estimate(model, side, side, 1, guided, 1, DEFAULT_TILE).total <= have
+        fits = run(side, side, 1, 1, DEFAULT_TILE).total <= have
         hint = f"the largest square image that fits at --n_samples 1 is {side}x{side}" if fits else "not even the smallest image fits"
     raise GenerationError(
         f"{width}x{height} at --n_samples {batch} needs {need.describe()} on {model.device.type}, but only "

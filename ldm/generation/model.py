@@ -16,10 +16,12 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.checkpoint import CheckpointError
+from ldm.diffusers_format import Folder, inspect_folder
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
-from ldm.generation.speed import compile_model, hold_weights, resolve_precision, use_compile_cache
+from ldm.generation.speed import compile_model, compile_module, hold_weights, resolve_precision, use_compile_cache
 from ldm.loading import build_model, load_config, load_model_from_config
+from ldm.lora import LoraMerge, lora_names, merge_loras, prompt_loras
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
 
 logger = logging.getLogger(__name__)
@@ -40,12 +42,14 @@ class ModelFiles:
 
 
 def resolve_model_files(settings: ModelSettings) -> ModelFiles:
-    """The config and checkpoint to use; the demo model when neither was named and it is installed."""
+    """The config and checkpoint to use; the demo model when neither was named and it is installed.
+    A diffusers folder as the checkpoint names its own config when none is given."""
     if settings.config is None and settings.ckpt is None and not settings.random_weights and DEMO_CONFIG.is_file() and DEMO_CKPT.is_file():
         return ModelFiles(DEMO_CONFIG, DEMO_CKPT, demo=True)
-    config = settings.config or SD2_CONFIG
+    folder = _diffusers_folder(settings.ckpt) if settings.ckpt is not None and settings.ckpt.is_dir() else None
+    config = settings.config or (Path(folder.config_name) if folder else SD2_CONFIG)
     if settings.config is None and not config.exists():
-        config = REPO_ROOT / SD2_CONFIG  # the original's default path, wherever the script is run from
+        config = REPO_ROOT / config  # the original's default path, wherever the script is run from
     _check_readable(config, "--config")
     if settings.random_weights:
         if settings.ckpt is not None:
@@ -56,8 +60,19 @@ def resolve_model_files(settings: ModelSettings) -> ModelFiles:
             f"--ckpt is required with {config}: pass an SD2 checkpoint (e.g. --ckpt v2-1_512-ema-pruned.ckpt), "
             "or --random_weights for timing runs"
         )
-    _check_readable(settings.ckpt, "--ckpt")
+    if folder is None:
+        _check_readable(settings.ckpt, "--ckpt")
+    elif settings.config is None:
+        logger.info("--ckpt %s: a diffusers %s model (%s prediction): --config %s", settings.ckpt, folder.family,
+                    folder.parameterization, folder.config_name)
     return ModelFiles(config, settings.ckpt)
+
+
+def _diffusers_folder(path: Path) -> Folder:
+    try:
+        return inspect_folder(path)
+    except CheckpointError as e:
+        raise GenerationError(f"--ckpt: {e}") from None
 
 
 def _check_readable(path: Path, flag: str) -> None:
@@ -176,7 +191,9 @@ class Model:
         """The precision really used: ``settings.precision``, but "full" for the default on a CPU
         without native bfloat16 (see :mod:`ldm.generation.speed`)."""
         self._net: torch.nn.Module | None = None
+        self._lora_merge = LoraMerge()
         self._empty_prompt: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
+        self._controlnets: dict[Path, torch.nn.Module] = {}
 
     @property
     def target(self) -> str:
@@ -216,6 +233,10 @@ class Model:
         net = self._read_weights()
         if settings.taesd is not None:
             net.use_latent_decoder(self._read_tiny_decoder())
+        try:
+            merge_loras(net, settings.loras, self._lora_merge)  # in float32, before the UNet is held in bf16
+        except CheckpointError as e:
+            raise GenerationError(f"--lora: {e}") from None
         if set_attention_implementation(net, settings.attention) == 0 and settings.attention != "sdpa":
             logger.warning("--attention %s has no effect: this model's attention is nn.MultiheadAttention (native-MHA layout)", settings.attention)
         if self.device.type == "cpu" and self.computes_in != "full":
@@ -227,6 +248,40 @@ class Model:
         self._net = net
         return net
 
+    def use_prompt_loras(self, prompts: list[str]) -> list[str]:
+        """Merge the LoRAs of ``--lora`` and of the prompts' ``<lora:NAME:WEIGHT>`` tags (files of
+        ``--lora_dir``) if they are not what is merged now, recompiling what was compiled with frozen
+        weights; returns the prompts without their tags."""
+        net = self.load()
+        cleaned, wanted = [], {str(p): w for p, w in self.settings.loras}
+        for prompt in prompts:
+            text, tags = prompt_loras(prompt)
+            cleaned.append(text)
+            for name, weight in tags:
+                path = str(self._lora_file(name))
+                if wanted.get(path, weight) != weight:
+                    raise UsageError(f"<lora:{name}>: two weights in one batch ({wanted[path]} and {weight})")
+                wanted[path] = weight
+        loras = tuple(sorted(wanted.items()))
+        if loras != tuple(sorted(self._lora_merge.loras)):
+            try:
+                merge_loras(net, loras, self._lora_merge)
+            except CheckpointError as e:
+                raise GenerationError(f"LoRA: {e}") from None
+            self._empty_prompt.clear()  # a LoRA of the text encoder changes it
+            if self.settings.compile and self.device.type == "cpu":  # frozen weights: compiled anew (or found on disk)
+                compile_model(net, self.device, self.settings.compile_mode)
+        return cleaned
+
+    def _lora_file(self, name: str) -> Path:
+        folder = self.settings.lora_dir
+        if folder is None:
+            raise UsageError(f"<lora:{name}> in the prompt needs --lora_dir, the folder of the LoRA files")
+        files = lora_names(folder)
+        if name not in files:
+            raise UsageError(f"<lora:{name}>: no such LoRA in {folder} ({', '.join(files) or 'it holds none'})")
+        return files[name]
+
     def empty_prompt_conditioning(self) -> torch.Tensor:
         """The text encoder's output for the empty prompt (guidance's unconditional input): the same
         for every batch, so encoded once per model and autocast state, not once per batch."""
@@ -235,6 +290,29 @@ class Model:
         if key not in self._empty_prompt:
             self._empty_prompt[key] = self.load().get_learned_conditioning([""])
         return self._empty_prompt[key]
+
+    def controlnet(self, path: Path) -> torch.nn.Module:
+        """The ControlNet in ``path`` for this model, loaded once (held and compiled as the UNet)."""
+        path = Path(path)
+        if path not in self._controlnets:
+            from ldm.modules.diffusionmodules.controlnet import load_controlnet
+
+            _check_readable(path, "--control")
+            unet = self.load().model.diffusion_model
+            try:
+                net = load_controlnet(path, self.config.model.params.unet_config.params, self.device)
+            except CheckpointError as e:
+                raise GenerationError(f"--control: {e}") from None
+            if net.encoder_channels != unet.encoder_channels:
+                raise GenerationError(f"--control {path}: its residuals ({net.encoder_channels} channels) do not fit this "
+                                      f"model's UNet ({unet.encoder_channels}); SD2.1 ControlNets fit the 512 and 768 models")
+            set_attention_implementation(net, self.settings.attention)
+            if self.device.type == "cpu" and self.computes_in != "full":
+                hold_weights(net, torch.bfloat16)
+            if self.settings.compile:
+                compile_module(net, self.device, self.settings.compile_mode)
+            self._controlnets[path] = net
+        return self._controlnets[path]
 
     def _read_weights(self) -> torch.nn.Module:
         files, config, device = self.files, self.config, self.device

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.generation import distributed
+from ldm.generation import control, distributed
 from ldm.generation.argtypes import finite, float_in, non_negative, positive, seed
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import SD2_CONFIG, Model
@@ -26,6 +26,17 @@ DEMO_PROMPT = "a red circle"
 # The flags whose default a task (its cli_defaults) or a model (its config's ``sampling:``) may set;
 # they parse to None when not given, and :func:`fill_sampling_defaults` fills them.
 SAMPLING_DEFAULTS = {"sampler": "ddim", "schedule": None, "steps": 50, "scale": 9.0, "strength": None}
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` (a Windows drive's colon kept), checked as argparse parses it."""
+    path, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def sampler_choice(text: str) -> str:
@@ -79,6 +90,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     p.add_argument("--repeat", type=positive, default=1, help="with --from-file: repeat each prompt this often (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=42, help="the seed for reproducible sampling (default: %(default)s)")
+    if pipeline.controllable:
+        control.add_arguments(p)
     bench = add_model_arguments(p, pipeline.family_config)
     bench.add_argument("--skip_first", action="store_true",
                        help="run one warm-up batch of each batch size first, neither timed nor saved")
@@ -132,7 +145,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
     returns the "speed and benchmarking" group, for a program's own speed flags."""
     p.add_argument("--config", type=str, default=None,
                    help=f"model config (default: {default_config}" + (", or the demo model when neither --config nor --ckpt is given)" if default_config == str(SD2_CONFIG) else ")"))
-    p.add_argument("--ckpt", type=str, default=None, help="model checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--ckpt", type=str, default=None,
+                   help="model checkpoint (.ckpt or .safetensors), or a diffusers folder (converted as it loads; without "
+                        "--config, the folder's own config: see docs/adapters.md)")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="evaluate at this precision (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on (default: %(default)s)")
@@ -149,6 +164,11 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                             "kept in TORCHINDUCTOR_CACHE_DIR (default ~/.cache/ldm-sd2/torchinductor) for later runs")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
+    p.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:WEIGHT]",
+                   help="merge this LoRA (kohya or diffusers/peft format) into the weights, at WEIGHT (default 1); "
+                        "repeat for several (see docs/adapters.md)")
+    p.add_argument("--lora_dir", type=str, default=None, metavar="DIR",
+                   help="the folder of the LoRA files that prompts name with <lora:NAME:WEIGHT> (NAME: the file's stem)")
     p.add_argument("--taesd", type=str, default=None, metavar="PATH",
                    help="decode with TAESD's tiny decoder (taesd_decoder.safetensors) instead of the VAE: about 20x faster, "
                         "an approximation of the VAE's images (see docs/samplers.md, SD-Turbo on a CPU)")
@@ -163,7 +183,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
-        compile_mode=args.compile_mode, taesd=args.taesd,
+        compile_mode=args.compile_mode, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
     )
 
 

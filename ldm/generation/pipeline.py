@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
+from ldm.generation.control import Controller, ControlSettings
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.settings import SamplingSettings
@@ -69,6 +70,7 @@ class Pipeline:
     # The original's demos for some tasks draw the starting noise from np.random.RandomState(seed).
     numpy_start_code: ClassVar[bool] = False
     default_eta: ClassVar[float | None] = None  # the original demo's eta, for samplers that take one
+    controllable: ClassVar[bool] = True  # whether SD2.1 ControlNets fit the task's UNet
 
     @classmethod
     def accepts(cls, sampler: Sampler) -> bool:
@@ -104,6 +106,7 @@ class Pipeline:
         self.vae_slice_size = vae_slice_size or max(1, VAE_SLICE_PIXELS // (self.height * self.width))
         self.start_code: torch.Tensor | None = None
         self._prng: np.random.RandomState | None = None
+        self.controller: Controller | None = None
 
     # -- what a task defines ----------------------------------------------------------
     def image_size(self) -> tuple[int, int]:
@@ -230,9 +233,18 @@ class Pipeline:
         images = torch.clamp((torch.cat(parts) + 1.0) / 2.0, min=0.0, max=1.0)
         return images if self.crop is None else images[:, :, : self.crop[0], : self.crop[1]]
 
+    def use_controls(self, controls: list[ControlSettings]) -> None:
+        """Guide every batch with these ControlNets (their hints are read now, at the image size)."""
+        if controls and not self.controllable:
+            raise UsageError(f"the {self.task} task takes no ControlNet (its UNet is not the SD2 text-to-image one)")
+        self.controller = Controller(self.model, controls, (self.height, self.width)) if controls else None
+
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         watch = FiniteWatch(self.model.device)
+        prompts = self.model.use_prompt_loras(prompts)
         c, uc = self.conditioning(prompts)
+        if self.controller is not None:
+            c, uc = self.controller.add_to(c, uc, len(prompts))
         z = self.sample(c, uc, len(prompts), watch)
         images = self.decode(z)
         finite = torch.isfinite(z).all() & torch.isfinite(images).all()  # one host sync per batch

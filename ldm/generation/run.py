@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ldm.devices import device_name, synchronize
 from ldm.fileio import write_text
 from ldm.generation import distributed
+from ldm.generation.control import controls_from_args
 from ldm.generation.distributed import Outcome, Plan, Session, Unit, batch_seed, job_units
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.images import SAMPLE_NAME, ImageWriter, Watermarker, next_number, to_uint8
@@ -166,8 +167,10 @@ def image_metadata(pipeline: Pipeline, seed_mode: str = "stream") -> dict[str, s
         "config": files.config.name,
         "checkpoint": files.ckpt.name if files.ckpt else "random weights",
         **({"decoder": pipeline.model.settings.taesd.name} if pipeline.model.settings.taesd else {}),
+        **({"lora": ", ".join(f"{p.name}:{w}" for p, w in pipeline.model.settings.loras)} if pipeline.model.settings.loras else {}),
         "software": f"ldm-sd2 {pipeline.task}",
         **pipeline.metadata(),
+        **(pipeline.controller.metadata() if pipeline.controller is not None else {}),
     }
     return {k: str(v) for k, v in meta.items()}
 
@@ -245,6 +248,7 @@ def prepare(args, task: str, seed_mode: str, session: Session) -> Prepared:
         )
     check_latent_flags(args, model.geometry)
     pipeline = task_class.from_args(model, sampling, output.n_samples, output.vae_slice_size, args)
+    pipeline.use_controls(controls_from_args(args))
     default_prompt = DEMO_PROMPT if model.files.demo else pipeline.default_prompt
     batches = read_prompts(args.prompt, args.from_file, output.n_samples, default_prompt, args.repeat)
     check_output_paths(output)

@@ -9,11 +9,12 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
+from ldm.generation.control import ControlSettings
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.images import ImageWriter, Watermarker, to_uint8
 from ldm.generation.memory import check_fits
@@ -74,15 +75,32 @@ class Generated:
     settings: dict[str, str]
 
 
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
+
+
+def controlnet_files(folder: str | Path | None) -> dict[str, Path]:
+    """The ControlNet files of ``folder`` by name (none without one)."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GenerationError(f"--controlnet_dir {folder}: no such folder")
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.suffix in CONTROLNET_SUFFIXES and p.is_file()}
+    if not files:
+        raise GenerationError(f"--controlnet_dir {folder}: holds no ControlNet files ({', '.join(CONTROLNET_SUFFIXES)})")
+    return files
+
+
 class ModelServer:
     """A model, loaded once, running one request at a time (the sampler seeds the global generators,
     so two runs at once would change each other's images); images are written to ``outdir`` as the
     scripts write them."""
 
     def __init__(self, model: Model, outdir: Path, watermark: bool = True, max_samples: int = 4,
-                 clip_stats: str | Path | None = None):
+                 clip_stats: str | Path | None = None, controlnet_dir: str | Path | None = None):
         self.model = model
         self.clip_stats = clip_stats  # unCLIP-L's embedding statistics file, for the variations task
+        self.controlnets = controlnet_files(controlnet_dir)
         self.tasks = served_tasks(model)
         if not self.tasks:
             known = FAMILY_TASKS.get(model.target)
@@ -94,17 +112,23 @@ class ModelServer:
         self.watermark = Watermarker(watermark)
         self._lock = threading.Lock()
 
-    def pipeline(self, task: str, sampling: SamplingSettings, *inputs: Any, n_samples: int = 1, **options: Any) -> Pipeline:
-        """The task's pipeline (``TASKS[task](model, sampling, *inputs, n_samples=..., **options)``),
-        checked: a served task, a batch within ``max_samples``, a run that fits in memory."""
+    def pipeline(self, task: str, sampling: SamplingSettings, *inputs: Any, n_samples: int = 1,
+                 controls: Sequence[ControlSettings] = (), **options: Any) -> Pipeline:
+        """The task's pipeline (``TASKS[task](model, sampling, *inputs, n_samples=..., **options)``)
+        guided by ``controls`` (ControlNets of :attr:`controlnets`), checked: a served task, a batch
+        within ``max_samples``, a run that fits in memory."""
         if task not in self.tasks:
             raise UsageError(f"this {self.model.target} model serves {', '.join(self.tasks)}, not {task}")
         if not 1 <= n_samples <= self.max_samples:
             raise UsageError(f"n_samples {n_samples}: this server makes 1 to {self.max_samples} images per request")
+        unknown = [c.path.name for c in controls if c.path not in self.controlnets.values()]
+        if unknown:
+            raise UsageError(f"ControlNet {', '.join(unknown)}: not one this server offers ({', '.join(self.controlnets) or 'none'})")
         try:
             pipeline = TASKS[task](self.model, sampling, *inputs, n_samples=n_samples, **options)
         except ValueError as e:  # a pipeline's own argument check
             raise UsageError(str(e)) from None
+        pipeline.use_controls(list(controls))
         check_fits(pipeline, guided=pipeline.guided)
         return pipeline
 

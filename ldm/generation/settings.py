@@ -22,9 +22,12 @@ def default_device() -> str:
 class ModelSettings:
     """Which model, on which device, computed how.
 
-    ``config``/``ckpt`` both None: the embedded demo model. ``precision``: "full" (float32),
+    ``config``/``ckpt`` both None: the embedded demo model; ``ckpt`` may be a diffusers folder, and
+    then names its config when ``config`` is None. ``precision``: "full" (float32),
     "autocast" (the original's: fp16 on CUDA, bf16 on the CPU) or "bf16" (autocast to bfloat16).
     ``taesd``: decode with TAESD's decoder from this file instead of the VAE (approximate, fast).
+    ``loras``: (file, weight) pairs merged into the weights at load; ``lora_dir``: the folder that
+    prompts' ``<lora:NAME:WEIGHT>`` tags name files of.
     """
 
     config: Path | None = None
@@ -39,11 +42,20 @@ class ModelSettings:
     compile: bool = False
     compile_mode: str | None = None
     taesd: Path | None = None
+    loras: tuple[tuple[Path, float], ...] = ()
+    lora_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.config = Path(self.config) if self.config is not None else None
         self.ckpt = Path(self.ckpt) if self.ckpt is not None else None
         self.taesd = Path(self.taesd) if self.taesd is not None else None
+        self.loras = tuple((Path(path), float(weight)) for path, weight in self.loras)
+        self.lora_dir = Path(self.lora_dir) if self.lora_dir is not None else None
+        for path, _ in self.loras:
+            if not path.is_file():
+                raise UsageError(f"--lora {path}: no such file")
+        if self.lora_dir is not None and not self.lora_dir.is_dir():
+            raise UsageError(f"--lora_dir {self.lora_dir}: no such folder")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 

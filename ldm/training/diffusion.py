@@ -42,7 +42,7 @@ def load_first_stage(model: LatentDiffusion, path: str | os.PathLike) -> None:
 class LatentDiffusionTrainer(pl.LightningModule):
     """Trains the UNet of the ``LatentDiffusion`` built from ``ldm_config``: an inference
     config's ``model`` section (``target`` and ``params``) or that config's path; ``use_ema``
-    is forced on.
+    is forced on (off for an adapter's trainer: :attr:`keeps_ema`).
 
     ``first_stage_ckpt`` holds the trained autoencoder. Captions are replaced by the empty
     prompt with probability ``ucg_rate``, which classifier-free guidance needs. The text
@@ -50,6 +50,8 @@ class LatentDiffusionTrainer(pl.LightningModule):
     autoencoder is frozen too, so when batches carry an ``index`` (a fixed data set) each
     sample's latent distribution is computed once and only its noise is drawn per step.
     """
+
+    keeps_ema: bool = True  # an EMA of the UNet's weights, exported in their place (adapter trainers keep none)
 
     def __init__(
         self,
@@ -67,7 +69,7 @@ class LatentDiffusionTrainer(pl.LightningModule):
         if isinstance(ldm_config, (str, os.PathLike)):
             ldm_config = load_config(ldm_config).model
         config = OmegaConf.to_container(OmegaConf.create(dict(ldm_config)), resolve=True)
-        config.setdefault("params", {}).update(use_ema=True, ema_decay=ema_decay)
+        config.setdefault("params", {}).update(use_ema=self.keeps_ema, ema_decay=ema_decay)
         self.model = instantiate_from_config(config)
         if not isinstance(self.model, LatentDiffusion):
             raise TypeError(f"ldm_config must build a LatentDiffusion, got {type(self.model).__name__}")
@@ -153,7 +155,8 @@ class LatentDiffusionTrainer(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer's step, then the EMA's: both are done before any checkpoint of this step."""
         super().optimizer_step(*args, **kwargs)
-        self.model.model_ema(self.model.model)
+        if self.keeps_ema:
+            self.model.model_ema(self.model.model)
 
     def compile_model(self, backend: str = "inductor") -> None:
         """``torch.compile`` the UNet in place (its parameter names do not change)."""

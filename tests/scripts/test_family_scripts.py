@@ -1,10 +1,7 @@
 """scripts/inpaint.py, depth2img.py, upscale.py and unclip.py as a user runs them, on tiny models of
-each family with random weights: files, sizes (padding cropped off), metadata, and pixels equal to
-the original demo's loop (scripts/gradio/*.py, scripts/streamlit/stableunclip.py) spelled out here
-with the model's own API, for the same seed; plus the bad inputs each task refuses.
-
-Both sides run the same operations in the same order on the same CPU, so the pixels agree except
-where float rounding flips a truncation to uint8: at most one level, in under 1% of the pixels.
+each family with random weights: files, sizes (padding cropped off), metadata, depth maps, k-samplers,
+and the bad inputs each task refuses. Their pixels against the original demos, rewritten call for
+call: tests/scripts/test_original_demos.py.
 """
 
 from __future__ import annotations
@@ -14,18 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import (assert_same_images, load_script, randomize_, sample_images, tiny_family_config, tiny_family_model,
-                      tiny_unclip_config, tiny_x4_config)
+from conftest import (ROOT, assert_same_images, load_script, randomize_, sample_images, samples, tiny_family_config,
+                      tiny_family_model, tiny_unclip_config, tiny_x4_config)
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
 from ldm.generation.images import load_init_image, pad_to_multiple
 from ldm.generation.run import seed_everything
 from ldm.loading import build_model, load_model_from_config
-from ldm.models.diffusion.ddim import DDIMSampler
 
 FAST = ["--steps", "2", "--n_iter", "1", "--precision", "full", "--no_watermark", "--seed", "7"]
 
@@ -87,53 +82,6 @@ def text(model, prompt: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return model.get_learned_conditioning(n * [prompt]), model.get_learned_conditioning(n * [""])
 
 
-def test_inpaint_matches_the_original_demo(families, tmp_path):
-    inputs = families["inputs"]
-    assert run(families, "inpaint", tmp_path, "--image", str(inputs["image"]), "--mask", str(inputs["mask"]),
-               "--prompt", "a cat", "--n_samples", "2") == 0
-    got = sample_images(tmp_path)
-    with Image.open(sorted((tmp_path / "samples").glob("*.png"))[0]) as png:
-        assert (png.text["image"], png.text["mask"], png.text["eta"], png.text["scale"]) == ("image.png", "mask.png", "1.0", "10.0")
-
-    model = load_model_from_config(families["inpaint"]["config"], families["inpaint"]["ckpt"])
-    image = demo_image(inputs["image"]).repeat(2, 1, 1, 1)
-    mask = torch.from_numpy(pad_to_multiple(np.asarray(Image.open(inputs["mask"]).convert("L")), 64).astype(np.float32) / 255.0)
-    mask = (mask >= 0.5).float()[None, None].repeat(2, 1, 1, 1)
-    h, w = image.shape[2:]
-    with torch.no_grad():
-        seed_everything(7)
-        start_code = torch.from_numpy(np.random.RandomState(7).randn(2, 4, h // 8, w // 8)).float()
-        c, uc = text(model, "a cat", 2)
-        masked = model.get_first_stage_encoding(model.encode_first_stage(image * (mask < 0.5)))
-        c_cat = torch.cat([F.interpolate(mask, size=(h // 8, w // 8)), masked], dim=1)
-        z, _ = DDIMSampler(model).sample(2, 2, [4, h // 8, w // 8], {"c_concat": [c_cat], "c_crossattn": [c]}, verbose=False,
-                                         eta=1.0, unconditional_guidance_scale=10.0,
-                                         unconditional_conditioning={"c_concat": [c_cat], "c_crossattn": [uc]}, x_T=start_code)
-        expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(z))]  # the padding cropped off
-    assert_same_images(got, expected)
-
-
-def test_depth2img_matches_the_original_demo(families, tmp_path):
-    inputs = families["inputs"]
-    assert run(families, "depth2img", tmp_path, "--image", str(inputs["image"]), "--prompt", "a hall", "--steps", "4",
-               "--strength", "0.5") == 0
-    model = load_model_from_config(families["depth2img"]["config"], families["depth2img"]["ckpt"])
-    image = demo_image(inputs["image"])
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(4, ddim_eta=0.0, verbose=False)
-    with torch.no_grad():
-        seed_everything(7)
-        z = model.get_first_stage_encoding(model.encode_first_stage(image))
-        c, uc = text(model, "a hall", 1)
-        c_cat = model.depth_conditioning(image)
-        t_enc = 2  # min(int(0.5 * 4), 4 - 1)
-        z_enc = sampler.stochastic_encode(z, torch.tensor([t_enc]))
-        samples_ = sampler.decode(z_enc, {"c_concat": [c_cat], "c_crossattn": [c]}, t_enc, unconditional_guidance_scale=9.0,
-                                  unconditional_conditioning={"c_concat": [c_cat], "c_crossattn": [uc]})
-        expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(samples_))]
-    assert_same_images(sample_images(tmp_path), expected)
-
-
 def test_depth2img_takes_a_depth_map(families, tmp_path):
     inputs = families["inputs"]
     flags = ["--image", str(inputs["image"]), "--strength", "1.0"]
@@ -141,48 +89,8 @@ def test_depth2img_takes_a_depth_map(families, tmp_path):
     assert run(families, "depth2img", tmp_path / "map", *flags, "--depth-map", str(inputs["depth"])) == 0
     [midas], [given] = sample_images(tmp_path / "midas"), sample_images(tmp_path / "map")
     assert given.shape == (40, 50, 3) and not np.array_equal(midas, given)  # the depth map conditions the result
-    with Image.open(sorted((tmp_path / "map" / "samples").glob("*.png"))[0]) as png:
+    with Image.open(samples(tmp_path / "map")[0]) as png:
         assert png.text["depth_map"] == "depth.png"
-
-
-def test_upscale_matches_the_original_demo(families, tmp_path):
-    inputs = families["inputs"]
-    assert run(families, "upscale", tmp_path, "--image", str(inputs["small"]), "--prompt", "a photo", "--noise_level", "30") == 0
-    model = load_model_from_config(families["upscale"]["config"], families["upscale"]["ckpt"])
-    low = demo_image(inputs["small"])  # 24x16 padded to 128x128
-    h, w = low.shape[2:]
-    with torch.no_grad():
-        seed_everything(7)
-        start_code = torch.from_numpy(np.random.RandomState(7).randn(1, 4, h, w)).float()
-        c, uc = text(model, "a photo", 1)
-        # As the demo's make_noise_augmentation: contiguous first (randn_like keeps a permuted layout).
-        x_aug, level = model.low_scale_model(low.contiguous(), torch.tensor([30]))
-        z, _ = DDIMSampler(model).sample(2, 1, [4, h, w], {"c_concat": [x_aug], "c_crossattn": [c], "c_adm": level},
-                                         verbose=False, eta=0.0, unconditional_guidance_scale=10.0, x_T=start_code,
-                                         unconditional_conditioning={"c_concat": [x_aug], "c_crossattn": [uc], "c_adm": level})
-        expected = [x[: 4 * 16, : 4 * 24] for x in to_uint8(model.decode_first_stage(z))]
-    got = sample_images(tmp_path)
-    assert got[0].shape == (64, 96, 3)  # four times the input
-    assert_same_images(got, expected)
-
-
-def test_variations_match_the_original_demo(families, tmp_path):
-    inputs = families["inputs"]
-    assert run(families, "variations", tmp_path, "--image", str(inputs["photo"]), "--prompt", "a photo", "--noise_level", "100",
-               "--n_samples", "2") == 0
-    model = load_model_from_config(families["variations"]["config"], families["variations"]["ckpt"])
-    with torch.no_grad():
-        seed_everything(7)
-        image = load_init_image(str(inputs["photo"]), 64).repeat(2, 1, 1, 1)  # Lanczos down to 64x64, as the demo
-        adm, level = model.noise_augmentor(model.embedder(image), noise_level=torch.tensor([100, 100]))
-        adm = torch.cat((adm, level), 1)
-        uc = model.get_learned_conditioning(2 * [""])
-        c = model.get_learned_conditioning(2 * ["a photo"])
-        z, _ = DDIMSampler(model).sample(2, 2, [4, 8, 8], {"c_crossattn": [c], "c_adm": adm}, verbose=False, eta=0.0,
-                                         unconditional_guidance_scale=10.0, x_T=None,
-                                         unconditional_conditioning={"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)})
-        expected = to_uint8(model.decode_first_stage(z))
-    assert_same_images(sample_images(tmp_path), expected)
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])
@@ -245,7 +153,7 @@ def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats,
 @pytest.mark.parametrize("script, task", [("inpaint.py", "inpaint"), ("depth2img.py", "depth2img"), ("upscale.py", "upscale"),
                                           ("unclip.py", "variations")])
 def test_scripts_are_the_tasks_entry_points(script, task):
-    source = (Path(__file__).resolve().parents[2] / "scripts" / script).read_text()
+    source = (ROOT / "scripts" / script).read_text()
     assert f'main(sys.argv[1:], "{task}")' in source
     load_script(f"scripts/{script}")  # imports cleanly
 

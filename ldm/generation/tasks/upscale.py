@@ -24,6 +24,7 @@ class UpscalePipeline(Pipeline):
     families = ("LatentUpscaleDiffusion",)
     family_config = "configs/stable-diffusion/x4-upscaling.yaml"
     numpy_start_code = True
+    controllable = False  # its UNet (7 input channels, 256 wide) is not the one SD2.1 ControlNets copy
     cli_defaults = {"steps": 75, "scale": 10.0, "n_samples": 1, "n_iter": 1}
 
     def __init__(self, model: Model, sampling: SamplingSettings, image: str | Path, noise_level: int = 20,

@@ -60,15 +60,21 @@ class DDIMSampler:
         ucg_schedule: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Sample ``batch_size`` latents of ``shape`` in ``S`` steps, from ``x_T`` or fresh noise.
+        ``ucg_schedule`` (a guidance scale per step, noisiest first) overrides
+        ``unconditional_guidance_scale``."""
         _unsupported(quantize_x0=quantize_x0, score_corrector=score_corrector, dynamic_threshold=dynamic_threshold,
-                     ucg_schedule=ucg_schedule, normals_sequence=normals_sequence)
+                     normals_sequence=normals_sequence)
+        if ucg_schedule is not None and len(ucg_schedule) != S:
+            raise ValueError(f"ucg_schedule holds {len(ucg_schedule)} guidance scales for {S} steps")
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
         img = torch.randn(size, device=self.model.device) if x_T is None else x_T
-        guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        scales = [unconditional_guidance_scale] * S if ucg_schedule is None else [float(s) for s in ucg_schedule]
+        guided = {scale: GuidedModel(self.model, conditioning, unconditional_conditioning, scale) for scale in set(scales)}
 
         def step(x: torch.Tensor, ts: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.ddim_update(guided, x, ts, index, temperature, noise_dropout)
+            return self.ddim_update(guided[scales[S - 1 - index]], x, ts, index, temperature, noise_dropout)
 
         return self.sampling_loop(img, step, callback, img_callback, mask, x0, log_every_t, "DDIM Sampler")
 

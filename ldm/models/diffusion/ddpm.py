@@ -10,10 +10,11 @@ from typing import Any, ClassVar, Iterator, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import ListConfig
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import (
-    diffusion_schedule,
+    ddpm_schedule,
     extract_into_tensor,
     make_beta_schedule,
     q_sample,
@@ -33,8 +34,10 @@ _TRAINING_ONLY = {
     "original_elbo_weight", "v_posterior", "l_simple_weight", "scheduler_config", "use_positional_encodings",
     "learn_logvar", "logvar_init", "make_it_fit", "ucg_training", "reset_ema", "reset_num_ema_updates",
     "num_timesteps_cond", "concat_mode", "cond_stage_forward", "force_null_conditioning",
-    "cond_stage_trainable", "first_stage_key", "cond_stage_key", "base_learning_rate", "ema_decay",
+    "cond_stage_trainable", "base_learning_rate", "ema_decay",
 }
+# Conditioning keys of a batch that hold prompts (or boxes) rather than images, as in the original.
+_TEXT_KEYS = ("caption", "coordinates_bbox", "txt")
 
 
 def repeat_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -47,10 +50,20 @@ def repeat_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     return x.expand(batch, *x.shape[1:]).contiguous()
 
 
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Images as data sets hold them (b, h, w, c; or b, h, w) as the models take them: (b, c, h, w),
+    contiguous float32 (the original's ``DDPM.get_input``)."""
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as ``diffusion_model`` (the checkpoint's key prefix) and routes conditioning:
-    ``c_concat`` joins the input channels, ``c_crossattn`` is the attention context, and ``c_adm``
-    (the ``*-adm`` keys: the x4 upscaler's noise level, unCLIP's image embedding) is the UNet's ``y``.
+    ``c_concat`` joins the input channels, ``c_crossattn`` is the attention context, ``c_adm``
+    (the ``*-adm`` keys: the x4 upscaler's noise level, unCLIP's image embedding) is the UNet's
+    ``y``, and ``c_control`` (a list of :class:`~ldm.modules.diffusionmodules.controlnet.Control`)
+    adds ControlNet residuals.
     """
 
     CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "hybrid-adm", "crossattn-adm")
@@ -63,7 +76,8 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(
-        self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None
+        self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None,
+        c_control: list | None = None,
     ) -> torch.Tensor:
         if (c_adm is None) == str(self.conditioning_key).endswith("-adm"):
             raise ValueError(
@@ -72,9 +86,14 @@ class DiffusionWrapper(nn.Module):
                 + " (the class-label input: the x4 upscaler's noise level, unCLIP's image embedding)"
             )
         context = None if not c_crossattn else torch.cat(c_crossattn, 1)
+        control = None
+        if c_control:  # ControlNets (ldm.modules.diffusionmodules.controlnet) read the noisy latent alone
+            from ldm.modules.diffusionmodules.controlnet import control_residuals
+
+            control = control_residuals(c_control, x, t, context)
         if c_concat:
             x = torch.cat([x, *c_concat], dim=1)
-        return self.diffusion_model(x, t, context=context, y=c_adm)
+        return self.diffusion_model(x, t, context=context, y=c_adm, control=control)
 
 
 class LatentDiffusion(nn.Module):
@@ -105,6 +124,8 @@ class LatentDiffusion(nn.Module):
         scale_factor: float = 1.0,
         scale_by_std: bool = False,
         use_ema: bool = True,
+        first_stage_key: str = "image",
+        cond_stage_key: str = "image",
         **training_options: Any,
     ):
         super().__init__()
@@ -116,6 +137,7 @@ class LatentDiffusion(nn.Module):
         self.parameterization = parameterization
         self.image_size = image_size
         self.channels = channels
+        self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         if scale_by_std:
             # The original keeps a scale estimated from the data as a buffer (a checkpoint key).
             self.register_buffer("scale_factor", torch.tensor(scale_factor, device="cpu"))
@@ -160,17 +182,9 @@ class LatentDiffusion(nn.Module):
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        schedule = diffusion_schedule(betas)
-        alphas_cumprod, alphas_cumprod_prev = schedule["alphas_cumprod"], schedule["alphas_cumprod_prev"]
+        schedule = ddpm_schedule(betas)
         self.num_timesteps = len(betas)
         self.linear_start, self.linear_end = linear_start, linear_end
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        schedule.update(
-            posterior_variance=posterior_variance,
-            posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
-            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-        )
         register_schedule_buffers(self, schedule, persistent=self.persistent_schedule)
         return schedule
 
@@ -249,6 +263,54 @@ class LatentDiffusion(nn.Module):
         or with the VAE again for None. Kept outside the module tree: no checkpoint key, no EMA."""
         self.__dict__["_latent_decoder"] = decoder
 
+    # -- the original's batch API: its training data and its demos ----------------------
+    def get_input(
+        self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
+        cond_key: str | None = None, return_original_cond: bool = False, bs: int | None = None, return_x: bool = False,
+    ) -> list:
+        """``[z, c]`` for a data batch, as the original: ``z`` the scaled latent (a posterior sample)
+        of the images ``batch[k]`` (b, h, w, c in [-1, 1]), ``c`` the conditioning of
+        ``batch[cond_key or cond_stage_key]`` (prompts under ``"txt"``). Then, as asked: the images
+        and their reconstruction, the images again, the raw conditioning. ``bs`` keeps the first
+        ``bs`` samples."""
+        x = channels_first(batch[k])[:bs].to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None and not self.training_options.get("force_null_conditioning"):
+            cond_key = cond_key or self.cond_stage_key
+            if cond_key == self.first_stage_key:
+                xc = x
+            elif cond_key in _TEXT_KEYS:
+                xc = batch[cond_key]
+            elif cond_key in ("class_label", "cls"):
+                xc = batch
+            else:
+                xc = channels_first(batch[cond_key]).to(self.device)
+            c = self.get_learned_conditioning(xc) if force_c_encode or not self.cond_stage_trainable else xc
+            c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out += [x, self.decode_first_stage(z)]
+        if return_x:
+            out.append(x)
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> torch.Tensor:
+        """The conditioning of ``null_label`` (a prompt, or a list of one) repeated to ``batch_size``:
+        what the original demos guide away from, ``get_unconditional_conditioning(n, "")``.
+        Without ``null_label`` it is the empty prompt's (the original raised for text models)."""
+        label = "" if null_label is None else null_label
+        if isinstance(label, ListConfig):
+            label = list(label)
+        elif isinstance(label, torch.Tensor):
+            label = label.to(self.device)
+        c = self.get_learned_conditioning(label)
+        if isinstance(c, list):
+            return [repeat_to_batch(x, batch_size, "null labels").to(self.device) for x in c]
+        return repeat_to_batch(c, batch_size, "null labels").to(self.device)
+
     @contextlib.contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
         """Run the block with the EMA weights swapped in; a no-op when the model keeps none."""
@@ -288,6 +350,7 @@ _FAMILIES = {
     "LatentInpaintDiffusion": "ldm.models.diffusion.inpaint",
     "LatentDepth2ImageDiffusion": "ldm.models.diffusion.depth",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.upscale",
+    "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.upscale",
     "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
 }
 

@@ -17,8 +17,11 @@ class LatentDepth2ImageDiffusion(LatentFinetuneDiffusion):
     (:class:`ldm.modules.midas.api.MiDaSInference`), :meth:`depth_conditioning` makes ``c_concat``."""
 
     def __init__(self, depth_stage_config: Mapping[str, Any], concat_keys: Sequence[str] = ("midas_in",), *args: Any, **kwargs: Any):
+        if len(concat_keys) != 1:
+            raise ValueError(f"concat_keys must name the one MiDaS input, got {list(concat_keys)}")
         super().__init__(concat_keys, *args, **kwargs)
         self.depth_model = instantiate_from_config(depth_stage_config)
+        self.depth_stage_key = self.concat_keys[0]
 
     @torch.no_grad()
     def depth_conditioning(self, image: torch.Tensor, depth: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,9 +40,22 @@ class LatentDepth2ImageDiffusion(LatentFinetuneDiffusion):
             depth = self.depth_model(self.depth_model.prepare(image))
         elif depth.ndim == 3:
             depth = depth.unsqueeze(1)
-        depth = F.interpolate(depth.float(), size=size, mode="bicubic", align_corners=False)
+        return self.normalized_depth(depth, size)
+
+    @staticmethod
+    def normalized_depth(depth: torch.Tensor, size: tuple[int, int], epsilon: float = 0.0) -> torch.Tensor:
+        """``depth`` (B, 1, h, w) resized bicubically to ``size`` and mapped per sample to [-1, 1]
+        by its minimum and maximum, in float32. The demos divide by the range (a constant map is an
+        error), the original's training batches by the range + ``epsilon`` (0.001)."""
+        depth = F.interpolate(depth.float(), size=tuple(size), mode="bicubic", align_corners=False)
         low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
         high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
-        if bool((high == low).any()):
+        if epsilon == 0.0 and bool((high == low).any()):
             raise ValueError("the depth map is constant: it cannot be normalised to [-1, 1] (nothing to condition on)")
-        return 2.0 * (depth - low) / (high - low) - 1.0
+        return 2.0 * (depth - low) / (high - low + epsilon) - 1.0
+
+    def batch_conditioning(self, batch: Mapping[str, Any], z: torch.Tensor, bs: int | None) -> dict[str, Any]:
+        """The depth of the batch's MiDaS input (``midas_in``: (B, 3, h, w), see
+        :class:`ldm.data.util.AddMiDaS`), normalised as the original's training code does."""
+        depth = self.depth_model(batch[self.depth_stage_key][:bs].to(self.device))
+        return {"c_concat": [self.normalized_depth(depth, z.shape[2:], epsilon=0.001)]}

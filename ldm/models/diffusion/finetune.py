@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import torch
 
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
@@ -30,3 +32,24 @@ class LatentFinetuneDiffusion(LatentDiffusion):
         super().__init__(*args, **kwargs)
         self.training_options.update(finetune)
         self.concat_keys = tuple(concat_keys)
+
+    @torch.no_grad()
+    def get_input(
+        self, batch: Mapping[str, Any], k: str, cond_key: str | None = None, bs: int | None = None,
+        return_first_stage_outputs: bool = False,
+    ) -> list:
+        """``[z, {"c_concat": [maps], "c_crossattn": [c]}]`` for a data batch, as the original: the
+        images under ``first_stage_key`` (``k`` is ignored, as there), the prompts under
+        ``cond_stage_key``, the maps from :meth:`batch_conditioning`; with
+        ``return_first_stage_outputs`` also the images, their reconstruction and the prompts."""
+        z, c, x, xrec, xc = LatentDiffusion.get_input(
+            self, batch, self.first_stage_key, return_first_stage_outputs=True, force_c_encode=True,
+            return_original_cond=True, bs=bs,
+        )
+        cond = {**self.batch_conditioning(batch, z, bs), "c_crossattn": [c]}
+        return [z, cond, x, xrec, xc] if return_first_stage_outputs else [z, cond]
+
+    def batch_conditioning(self, batch: Mapping[str, Any], z: torch.Tensor, bs: int | None) -> dict[str, Any]:
+        """The family's conditioning but the text (``c_concat``, maybe ``c_adm``) for a data batch
+        whose first ``bs`` images have the latents ``z``."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its batches condition the UNet")

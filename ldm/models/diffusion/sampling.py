@@ -12,11 +12,14 @@ import torch
 
 
 def concat_conditioning(uncond: Any, cond: Any) -> Any:
-    """Stack unconditional and conditional inputs (tensors, lists or dicts of them) into one batch."""
+    """Stack unconditional and conditional inputs (tensors, lists or dicts of them, or objects that
+    batch themselves with a ``concat`` method, as ControlNet controls) into one batch."""
     if isinstance(cond, dict):
         return {k: concat_conditioning(uncond[k], cond[k]) for k in cond}
     if isinstance(cond, list):
-        return [torch.cat([u, c]) for u, c in zip(uncond, cond)]
+        return [concat_conditioning(u, c) for u, c in zip(uncond, cond)]
+    if hasattr(cond, "concat"):
+        return uncond.concat(cond)
     return torch.cat([uncond, cond])
 
 

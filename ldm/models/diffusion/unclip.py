@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.models.diffusion.ddpm import LatentDiffusion, repeat_to_batch
+from ldm.models.diffusion.ddpm import LatentDiffusion, channels_first, repeat_to_batch
 from ldm.util import instantiate_from_config
 
 
@@ -43,7 +43,7 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
     def image_conditioning(
         self,
         image: torch.Tensor,
-        noise_level: int | torch.Tensor,
+        noise_level: int | torch.Tensor | None,
         context: torch.Tensor,
         unconditional_context: torch.Tensor | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -52,8 +52,8 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         demo (scripts/streamlit/stableunclip.py) builds it.
 
         The image, repeated to the batch of ``context`` when it is one, is embedded; the
-        embedding is noise-augmented to ``noise_level`` (0 to 999; the demo's default is 0) with
-        one ``torch.randn_like`` draw of its shape, and joined with the level's embedding.
+        embedding is noise-augmented to ``noise_level`` (0 to 999; the demo's default is 0; None
+        draws one per sample, as the original's training) with one ``torch.randn_like`` draw of its shape, and joined with the level's embedding.
         Returns ``(cond, uncond)``: ``cond`` = ``{"c_crossattn": [context], "c_adm": embedding}``;
         ``uncond`` = ``{"c_crossattn": [unconditional_context], "c_adm": zeros}`` (the original
         guides away from a zero embedding), or None without ``unconditional_context``.
@@ -69,3 +69,16 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         if unconditional_context is None:
             return cond, None
         return cond, {"c_crossattn": [unconditional_context], "c_adm": torch.zeros_like(c_adm)}
+
+    def get_input(self, batch: Mapping[str, Any], k: str, cond_key: str | None = None, bs: int | None = None, **kwargs: Any) -> list:
+        """``[z, {"c_crossattn": [c], "c_adm": embedding}, ...]`` for a data batch, as the original:
+        :meth:`LatentDiffusion.get_input` (``kwargs`` ask for its extra outputs), then the images
+        under ``embedding_key`` embedded and noise-augmented to a random level each; in training
+        mode the embedding is dropped (zeroed) with probability ``embedding_dropout``."""
+        outputs = LatentDiffusion.get_input(self, batch, k, bs=bs, **kwargs)
+        cond, _ = self.image_conditioning(channels_first(batch[self.embed_key][:bs]), None, outputs[1])
+        if self.training:
+            c_adm = cond["c_adm"]
+            keep = torch.full((c_adm.shape[0], 1), 1.0 - self.embedding_dropout, device=c_adm.device)
+            cond["c_adm"] = torch.bernoulli(keep) * c_adm
+        return [outputs[0], cond, *outputs[2:]]

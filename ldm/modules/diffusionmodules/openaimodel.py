@@ -145,6 +145,7 @@ class UNetModel(nn.Module):
         use_bf16: bool = False,
         n_embed: int | None = None,
         adm_in_channels: int | None = None,
+        with_decoder: bool = True,
     ):
         super().__init__()
         unsupported = {
@@ -248,6 +249,9 @@ class UNetModel(nn.Module):
             resblock(ch), transformer(ch, disable_middle_self_attn), resblock(ch)
         )
 
+        self.encoder_channels = list(input_block_chans) + [ch]  # what each skip and the middle block put out
+        if not with_decoder:  # a ControlNet's trunk (ldm.modules.diffusionmodules.controlnet)
+            return
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(self.num_res_blocks[level] + 1):
@@ -270,11 +274,8 @@ class UNetModel(nn.Module):
         """How many times smaller the deepest feature map is than the input latent."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Predict the noise (or v) for latents ``x`` at ``timesteps`` given the text ``context``
-        and, for a class-conditional UNet, the labels ``y`` (integers, or vectors for "sequential")."""
+    def embed_time(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The timestep embedding, plus the class labels' for a class-conditional UNet."""
         if (y is None) != (self.num_classes is None):
             raise ValueError(
                 f"class labels y are needed if and only if the UNet is class-conditional (num_classes={self.num_classes!r})"
@@ -285,6 +286,19 @@ class UNetModel(nn.Module):
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"y has batch size {y.shape[0]}, x has {x.shape[0]}")
             emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
+        return emb
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None, y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise (or v) for latents ``x`` at ``timesteps`` given the text ``context``
+        and, for a class-conditional UNet, the labels ``y`` (integers, or vectors for "sequential").
+
+        ``control``: residuals from ControlNets, one per skip connection and one for the middle
+        block (the last), added where the original's ``ControlledUnetModel`` adds them."""
+        emb = self.embed_time(x, timesteps, y)
+        dtype = emb.dtype
         h = x.to(dtype)
         if context is not None:
             context = context.to(dtype)
@@ -293,6 +307,11 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control holds {len(control)} residuals; this UNet takes {len(skips) + 1}")
+            skips = [skip + residual for skip, residual in zip(skips, control)]
+            h = h + control[-1]
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)

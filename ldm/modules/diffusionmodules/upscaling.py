@@ -54,7 +54,17 @@ class ImageConcatWithNoiseAugmentation(nn.Module):
             )
         return levels
 
-    def forward(self, x: torch.Tensor, noise_level: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x diffused to noise_level, the levels)``; the noise is drawn as ``torch.randn_like(x)``."""
-        levels = self.noise_levels(noise_level, x.shape[0])
-        return q_sample(self, x, levels), levels
+    def random_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """A level per sample of ``x``, uniform below ``max_noise_level``: the original's training
+        augmentation, when no level is given."""
+        return torch.randint(0, self.max_noise_level, (x.shape[0],), device=x.device).long()
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``x_start`` diffused to the levels ``t`` with this module's schedule."""
+        return q_sample(self, x_start, t, noise)
+
+    def forward(self, x: torch.Tensor, noise_level: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x diffused to noise_level, the levels)``; the noise is drawn as ``torch.randn_like(x)``,
+        after random levels (:meth:`random_levels`) when ``noise_level`` is None."""
+        levels = self.noise_levels(self.random_levels(x) if noise_level is None else noise_level, x.shape[0])
+        return self.q_sample(x, levels), levels

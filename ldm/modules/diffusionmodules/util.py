@@ -57,6 +57,21 @@ def diffusion_schedule(betas: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def ddpm_schedule(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Every float64 constant of the DDPM schedule for ``betas``: :func:`diffusion_schedule`'s
+    and those of the posterior q(x_{t-1} | x_t, x_0), under the original's buffer names."""
+    schedule = diffusion_schedule(betas)
+    alphas_cumprod, alphas_cumprod_prev = schedule["alphas_cumprod"], schedule["alphas_cumprod_prev"]
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    schedule.update(
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+    )
+    return schedule
+
+
 def register_schedule_buffers(module: nn.Module, arrays: dict[str, np.ndarray], persistent: bool = True) -> None:
     """Register ``arrays`` as float32 buffers explicitly on the CPU, so that a model built on
     ``meta`` still has its schedule (the checkpoint, when it holds them, overwrites them);

@@ -18,7 +18,6 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.openaimodel import Timestep
 from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
-from ldm.modules.diffusionmodules.util import q_sample
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +89,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         for p in self.parameters():
             p.requires_grad = False
 
-    def tokenize(self, text: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Token ids (batch, max_length), truncated to the context length as open_clip does,
-        with a warning naming how many tokens of a too-long prompt were dropped."""
-        text = list(text)
+        with a warning naming how many tokens of a too-long prompt were dropped. One string is
+        a batch of one, as for open_clip (the original demos pass ``""``)."""
+        text = [text] if isinstance(text, str) else list(text)
         encode = getattr(self.tokenizer, "encode", None)
         if callable(encode):
             room = self.max_length - 2  # start and end tokens
@@ -325,10 +325,11 @@ class CLIPEmbeddingNoiseAugmentation(ImageConcatWithNoiseAugmentation):
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.data_std + self.data_mean
 
-    def forward(self, x: torch.Tensor, noise_level: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, noise_level: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noised embedding, embedding of the noise level)``, both float32 (B, timestep_dim);
-        the noise is drawn as ``torch.randn_like`` of the normalised embedding."""
+        the noise is drawn as ``torch.randn_like`` of the normalised embedding, after random
+        levels when ``noise_level`` is None (as the original's training)."""
         if self.missing_stats is not None:
             raise FileNotFoundError(f"{self.missing_stats} not found: it should be {KARLO_STATS_HELP}")
-        levels = self.noise_levels(noise_level, x.shape[0])
-        return self.unscale(q_sample(self, self.scale(x.float()), levels)), self.time_embed(levels)
+        levels = self.noise_levels(self.random_levels(x) if noise_level is None else noise_level, x.shape[0])
+        return self.unscale(self.q_sample(self.scale(x.float()), levels)), self.time_embed(levels)

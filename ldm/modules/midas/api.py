@@ -7,8 +7,9 @@ nothing is read here: the weights are the ``depth_model.*`` tensors of the SD2 d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +30,36 @@ def midas_input_size(height: int, width: int, net_size: int = 384) -> tuple[int,
     return (round(scale * height / MULTIPLE_OF) * MULTIPLE_OF, round(scale * width / MULTIPLE_OF) * MULTIPLE_OF)
 
 
+def midas_transform(image: torch.Tensor, net_size: int = 384) -> torch.Tensor:
+    """The original's MiDaS transform of an RGB ``image`` in [0, 1] (B, 3, H, W): resized
+    bicubically to :func:`midas_input_size`, normalised with mean = std = 0.5; float32.
+
+    The original resized with OpenCV's INTER_CUBIC; PyTorch's bicubic uses the same kernel
+    (Keys, a = -0.75), pixel-centre alignment and replicated borders, without antialiasing.
+    It runs in float64 because OpenCV computes the source coordinates in double: PyTorch's
+    float32 coordinates would shift the far side by up to ~4e-5 pixel.
+    """
+    size = midas_input_size(image.shape[-2], image.shape[-1], net_size)
+    x = image.float()
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x.double(), size=size, mode="bicubic", align_corners=False).float()
+    return (x - 0.5) / 0.5
+
+
+def load_midas_transform(model_type: str = "dpt_hybrid", net_size: int = 384) -> Callable[[dict], dict]:
+    """The original's transform for a sample ``{"image": (H, W, 3) array in [0, 1]}``: the same
+    dict with ``"image"`` the MiDaS input, a (3, h, w) float32 array (:func:`midas_transform`).
+    ``net_size`` is the size the MiDaS network was trained at (SD2's: 384)."""
+    if model_type not in MiDaSInference.MODEL_TYPES:
+        raise ValueError(f"MiDaS model_type {model_type!r} is not used by SD2; the depth model is 'dpt_hybrid'")
+
+    def transform(sample: dict) -> dict:
+        image = torch.from_numpy(np.ascontiguousarray(sample["image"])).permute(2, 0, 1)[None]
+        return {**sample, "image": midas_transform(image, net_size)[0].numpy()}
+
+    return transform
+
+
 class MiDaSInference(nn.Module):
     """MiDaS DPT-Hybrid (``model``, a :class:`~ldm.modules.midas.dpt.DPTDepthModel`).
 
@@ -45,19 +76,9 @@ class MiDaSInference(nn.Module):
         self.model = DPTDepthModel(**sizes)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        """The original demo's MiDaS input for an RGB ``image`` in [-1, 1] (B, 3, H, W): to [0, 1],
-        resized bicubically to :func:`midas_input_size`, normalised with mean = std = 0.5.
-
-        The original resized with OpenCV's INTER_CUBIC; PyTorch's bicubic uses the same kernel
-        (Keys, a = -0.75), pixel-centre alignment and replicated borders, without antialiasing.
-        It runs in float64 because OpenCV computes the source coordinates in double: PyTorch's
-        float32 coordinates would shift the far side by up to ~4e-5 pixel.
-        """
-        size = midas_input_size(image.shape[-2], image.shape[-1], self.model.image_size)
-        x = (image.float() + 1.0) * 0.5
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x.double(), size=size, mode="bicubic", align_corners=False).float()
-        return (x - 0.5) / 0.5
+        """The original demo's MiDaS input for an RGB ``image`` in [-1, 1] (B, 3, H, W):
+        :func:`midas_transform` of it in [0, 1]."""
+        return midas_transform((image.float() + 1.0) * 0.5, self.model.image_size)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
