@@ -1,5 +1,5 @@
 """torch.compile of the UNet: one graph, no breaks, for every implementation but xFormers,
-and compiled output equal to eager output.
+and compiled output equal to eager output (tracing or compiling the whole UNet is marked slow).
 
 Tolerance of the compiled run: inductor fuses and reorders float32 arithmetic (and may use
 other matmul kernels), so it agrees with eager to float32 rounding accumulated over the
@@ -32,6 +32,7 @@ def unets():
     return {"original": unet, "native": native}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vanilla", "sdpa", "native"])
 def test_unet_has_no_graph_breaks(unets, name):
     if name == "native":
@@ -42,6 +43,7 @@ def test_unet_has_no_graph_breaks(unets, name):
     assert_no_graph_breaks(unet, *unet_inputs())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["x4", "unclip"])
 def test_class_conditional_unet_has_no_graph_breaks(family, tiny_x4_model, tiny_unclip_models):
     """The label embedding (x4: integer noise levels; unCLIP: the adm vector) stays in the graph."""
