@@ -88,12 +88,23 @@ def load_state_dict(
             return load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    obj = read_torch_file(path, device)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def read_torch_file(path: Path, device: str | torch.device = "cpu") -> object:
+    """What a ``torch.save`` file holds, read with ``weights_only=True`` (tensors, containers and
+    plain values only); a ``CheckpointError`` naming the file for anything else."""
     if not _looks_like_torch_file(path):
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle, the two formats of torch.save"
         )
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         if not (str(e).startswith(_WEIGHTS_ONLY_REFUSAL) and _refers_to_code(_refusal_detail(e))):
             raise CheckpointError(
@@ -109,11 +120,6 @@ def load_state_dict(
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
         ) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
-    return dict(obj)
 
 
 def save_state_dict(

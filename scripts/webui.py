@@ -113,17 +113,31 @@ class WebUI:
         if s.lora_dir is not None:
             names = ", ".join(f"`{name}`" for name in lora_names(s.lora_dir)) or "none"
             line += f" LoRAs for a prompt's `<lora:NAME:WEIGHT>`: {names}."
-        return line
+        return f"{line}\n\n{self.prompt_note()}"
+
+    def prompt_note(self) -> str:
+        """How prompts are read, and the textual-inversion embeddings a prompt may name."""
+        syntax = ("Prompts: AUTOMATIC1111's syntax, `(word:1.3)`, `(word)`, `[word]`, `BREAK`; any length."
+                  if self.model.settings.prompt_syntax == "a1111" else "Prompts: plain text (--prompt_syntax none); any length.")
+        embeddings = self.model.embeddings
+        if not embeddings:
+            return f"{syntax} No textual-inversion embeddings loaded (--embedding, --embeddings_dir)."
+        listed = ", ".join(f"`{e.name}` ({len(e.vectors)} vector{'s' * (len(e.vectors) != 1)})" for e in embeddings)
+        return f"{syntax} Textual-inversion embeddings, used where a prompt names them: {listed}."
 
     # -- form parts shared by the tabs ---------------------------------------------------------
-    def prompt_row(self, task: str) -> tuple[gr.Textbox, gr.Button]:
+    def prompt_row(self, task: str) -> tuple[gr.Textbox, gr.Textbox, gr.Button]:
+        """The prompt, the negative prompt and the generate button."""
         example = DEMO_PROMPT if self.model.files.demo else TASKS[task].default_prompt
         with gr.Row(equal_height=True):
-            prompt = gr.Textbox(label="Prompt", placeholder=example, lines=2, scale=5, elem_id=f"{task}-prompt")
+            with gr.Column(scale=5):
+                prompt = gr.Textbox(label="Prompt", placeholder=example, lines=2, elem_id=f"{task}-prompt")
+                negative = gr.Textbox("", label="Negative prompt (what guidance steers away from)", lines=1,
+                                      elem_id=f"{task}-negative-prompt")
             button = gr.Button("Generate", variant="primary", scale=1, elem_id=f"{task}-generate")
         if self.model.files.demo:
             gr.Examples([[p] for p in DEMO_EXAMPLES], [prompt], label="Prompts the demo model knows")
-        return prompt, button
+        return prompt, negative, button
 
     def defaults(self, task: str) -> dict[str, Any]:
         return sampling_defaults(task, self.model)
@@ -152,7 +166,7 @@ class WebUI:
     # -- tabs ------------------------------------------------------------------------------------
     def txt2img_tab(self) -> None:
         g = self.model.geometry
-        prompt, button = self.prompt_row("txt2img")
+        prompt, negative, button = self.prompt_row("txt2img")
         with gr.Row():
             with gr.Column():
                 controls = self.sampling_controls("txt2img")
@@ -160,11 +174,11 @@ class WebUI:
                 controls += [gr.Slider(label="Height", **size), gr.Slider(label="Width", **size)]
             with gr.Column():
                 outputs = self.outputs("txt2img")
-        button.click(self.txt2img, [prompt, *controls], outputs, api_name="txt2img", **ONE_AT_A_TIME)
-        prompt.submit(self.txt2img, [prompt, *controls], outputs, api_visibility="private", **ONE_AT_A_TIME)
+        button.click(self.txt2img, [prompt, *controls, negative], outputs, api_name="txt2img", **ONE_AT_A_TIME)
+        prompt.submit(self.txt2img, [prompt, *controls, negative], outputs, api_visibility="private", **ONE_AT_A_TIME)
 
     def img2img_tab(self) -> None:
-        prompt, button = self.prompt_row("img2img")
+        prompt, negative, button = self.prompt_row("img2img")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image to start from", type="filepath", image_mode=None, sources=["upload", "clipboard"])
@@ -173,11 +187,11 @@ class WebUI:
                 controls = self.sampling_controls("img2img")
             with gr.Column():
                 outputs = self.outputs("img2img")
-        button.click(self.img2img, [prompt, image, *controls, strength], outputs, api_name="img2img", **ONE_AT_A_TIME)
+        button.click(self.img2img, [prompt, image, *controls, strength, negative], outputs, api_name="img2img", **ONE_AT_A_TIME)
 
     def inpaint_tab(self) -> None:
         brush = max(2, self.model.geometry.native_size // 16)  # pixels: the automatic size covers small images
-        prompt, button = self.prompt_row("inpaint")
+        prompt, negative, button = self.prompt_row("inpaint")
         with gr.Row():
             with gr.Column():
                 editor = gr.ImageEditor(label="Image: upload it, then paint over the area to repaint", type="pil",
@@ -191,13 +205,13 @@ class WebUI:
             with gr.Column():
                 outputs = self.outputs("inpaint")
         split = button.click(editor_image_and_mask, [editor], [image, mask], api_visibility="private", queue=False)
-        split.success(self.inpaint, [prompt, image, mask, *controls], outputs, api_name="inpaint", **ONE_AT_A_TIME)
+        split.success(self.inpaint, [prompt, image, mask, *controls, negative], outputs, api_name="inpaint", **ONE_AT_A_TIME)
 
     def image_input(self, label: str) -> gr.Image:
         return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"])
 
     def depth2img_tab(self) -> None:
-        prompt, button = self.prompt_row("depth2img")
+        prompt, negative, button = self.prompt_row("depth2img")
         with gr.Row():
             with gr.Column():
                 image = self.image_input("Image whose depth the result keeps")
@@ -207,10 +221,11 @@ class WebUI:
                 controls = self.sampling_controls("depth2img")
             with gr.Column():
                 outputs = self.outputs("depth2img")
-        button.click(self.depth2img, [prompt, image, *controls, strength, depth], outputs, api_name="depth2img", **ONE_AT_A_TIME)
+        button.click(self.depth2img, [prompt, image, *controls, strength, depth, negative], outputs, api_name="depth2img",
+                     **ONE_AT_A_TIME)
 
     def upscale_tab(self) -> None:
-        prompt, button = self.prompt_row("upscale")
+        prompt, negative, button = self.prompt_row("upscale")
         with gr.Row():
             with gr.Column():
                 image = self.image_input("Low-resolution image (the result is four times its size)")
@@ -218,10 +233,10 @@ class WebUI:
                 controls = self.sampling_controls("upscale")
             with gr.Column():
                 outputs = self.outputs("upscale")
-        button.click(self.upscale, [prompt, image, *controls, noise], outputs, api_name="upscale", **ONE_AT_A_TIME)
+        button.click(self.upscale, [prompt, image, *controls, noise, negative], outputs, api_name="upscale", **ONE_AT_A_TIME)
 
     def variations_tab(self) -> None:
-        prompt, button = self.prompt_row("variations")
+        prompt, negative, button = self.prompt_row("variations")
         with gr.Row():
             with gr.Column():
                 image = self.image_input("Image to make variations of")
@@ -229,11 +244,11 @@ class WebUI:
                 controls = self.sampling_controls("variations")
             with gr.Column():
                 outputs = self.outputs("variations")
-        button.click(self.variations, [prompt, image, *controls, noise], outputs, api_name="variations", **ONE_AT_A_TIME)
+        button.click(self.variations, [prompt, image, *controls, noise, negative], outputs, api_name="variations", **ONE_AT_A_TIME)
 
     def controlnet_tab(self) -> None:
         g = self.model.geometry
-        prompt, button = self.prompt_row("txt2img")
+        prompt, negative, button = self.prompt_row("txt2img")
         with gr.Row():
             with gr.Column():
                 with gr.Row():
@@ -251,30 +266,32 @@ class WebUI:
             with gr.Column():
                 outputs = self.outputs("controlnet")
                 used = gr.Image(label="the hint the ControlNet read", type="pil", interactive=False, elem_id="controlnet-hint")
-        inputs = [prompt, hint, net, *controls, weight, start, end, preprocess, guess]
+        inputs = [prompt, hint, net, *controls, weight, start, end, preprocess, guess, negative]
         button.click(self.controlnet, inputs, [*outputs, used], api_name="controlnet", **ONE_AT_A_TIME)
 
     # -- the endpoints: one per task, named inputs, all but the prompt with defaults -----------
-    # Steps, scale, sampler, schedule and strength left out (None) take the task's and the model's defaults.
+    # Steps, scale, sampler, schedule and strength left out (None) take the task's and the model's defaults;
+    # negative_prompt, guidance's unconditional text, is empty by default (the original's).
     def txt2img(self, prompt: str, seed: int = -1, steps: int | None = None, scale: float | None = None, n_samples: int = 1,
                 sampler: str | None = None, schedule: str | None = None, height: int | None = None, width: int | None = None,
-                progress: gr.Progress = gr.Progress()):
+                negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """Text to image; height and width default to the model's size."""
-        return self.generate("txt2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress,
+        return self.generate("txt2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, negative_prompt=negative_prompt,
                              height=int(height) if height else None, width=int(width) if width else None)
 
     def img2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
                 n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, strength: float | None = None,
-                progress: gr.Progress = gr.Progress()):
+                negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """Image to image: ``image`` noised by ``strength`` of the steps, then denoised under the prompt."""
         if image is None:
             raise refuse("Upload an image to start from.")
         strength = self.defaults("img2img")["strength"] if strength is None else strength
-        return self.generate("img2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, float(strength))
+        return self.generate("img2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, float(strength),
+                             negative_prompt=negative_prompt)
 
     def inpaint(self, prompt: str, image: str | None = None, mask: str | None = None, seed: int = -1, steps: int | None = None,
                 scale: float | None = None, n_samples: int = 1, sampler: str | None = None, schedule: str | None = None,
-                progress: gr.Progress = gr.Progress()):
+                negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """Inpainting: the white area of ``mask`` repainted under the prompt, the rest of ``image`` kept."""
         if image is None or mask is None:
             raise refuse("Inpainting needs an image and a mask (white: the area to repaint).")
@@ -282,40 +299,42 @@ class WebUI:
             check_mask(image, mask)
         except (UsageError, GenerationError) as e:
             raise refuse(e) from None
-        return self.generate("inpaint", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, mask)
+        return self.generate("inpaint", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, mask,
+                             negative_prompt=negative_prompt)
 
     def depth2img(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
                   n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, strength: float | None = None,
-                  depth_map: str | None = None, progress: gr.Progress = gr.Progress()):
+                  depth_map: str | None = None, negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """Depth to image: a new image under the prompt with ``image``'s depth (or ``depth_map``'s)."""
         if image is None:
             raise refuse("Upload an image whose depth to keep.")
         strength = self.defaults("depth2img")["strength"] if strength is None else strength
         return self.generate("depth2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image,
-                             float(strength), depth_map=depth_map)
+                             float(strength), depth_map=depth_map, negative_prompt=negative_prompt)
 
     def upscale(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
                 n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, noise_level: int = 20,
-                progress: gr.Progress = gr.Progress()):
+                negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """x4 upscaling of ``image``, guided by the prompt."""
         if image is None:
             raise refuse("Upload the image to upscale.")
-        return self.generate("upscale", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, int(noise_level))
+        return self.generate("upscale", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image, int(noise_level),
+                             negative_prompt=negative_prompt)
 
     def variations(self, prompt: str, image: str | None = None, seed: int = -1, steps: int | None = None, scale: float | None = None,
                    n_samples: int = 1, sampler: str | None = None, schedule: str | None = None, noise_level: int = 0,
-                   progress: gr.Progress = gr.Progress()):
+                   negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """Variations of ``image`` (stable unCLIP), guided by the prompt."""
         if image is None:
             raise refuse("Upload the image to make variations of.")
         return self.generate("variations", prompt, seed, steps, scale, n_samples, sampler, schedule, progress, image,
-                             int(noise_level), clip_stats=self.server.clip_stats)
+                             int(noise_level), clip_stats=self.server.clip_stats, negative_prompt=negative_prompt)
 
     def controlnet(self, prompt: str, hint: str | None = None, controlnet: str | None = None, seed: int = -1,
                    steps: int | None = None, scale: float | None = None, n_samples: int = 1, sampler: str | None = None,
                    schedule: str | None = None, height: int | None = None, width: int | None = None, weight: float = 1.0,
                    start: float = 0.0, end: float = 1.0, preprocess: str = "none", guess_mode: bool = False,
-                   progress: gr.Progress = gr.Progress()):
+                   negative_prompt: str = "", progress: gr.Progress = gr.Progress()):
         """Text to image guided by a ControlNet of the server's (by file name) reading ``hint``;
         also returns the hint as the ControlNet saw it (preprocessed, at the image size)."""
         if hint is None:
@@ -331,11 +350,12 @@ class WebUI:
         used: list[Image.Image] = []
         gallery, settings = self.generate("txt2img", prompt, seed, steps, scale, n_samples, sampler, schedule, progress,
                                           height=int(height) if height else None, width=int(width) if width else None,
-                                          controls=[control], seen=used)
+                                          controls=[control], seen=used, negative_prompt=negative_prompt)
         return gallery, settings, used[0]
 
     def generate(self, task: str, prompt: str | None, seed: Any, steps: Any, scale: Any, n_samples: Any, sampler: str | None,
-                 schedule: str | None, progress: gr.Progress, *inputs: Any, **options: Any) -> tuple[list, dict[str, str]]:
+                 schedule: str | None, progress: gr.Progress, *inputs: Any, negative_prompt: str | None = "",
+                 **options: Any) -> tuple[list, dict[str, str]]:
         """Run ``task`` on the pipeline layer; every refusal (bad input, non-finite images, memory) is a message."""
         if not (prompt or "").strip():
             raise refuse("Enter a prompt.")
@@ -346,7 +366,7 @@ class WebUI:
                 schedule = default_schedule(sampler, d["schedule"])
             sampling = SamplingSettings(sampler=sampler, steps=int(d["steps"] if steps is None else steps),
                                         scale=float(d["scale"] if scale is None else scale), seed=resolve_seed(seed),
-                                        schedule=schedule)
+                                        schedule=schedule, negative_prompt=negative_prompt or "")
         except (TypeError, ValueError, UsageError) as e:
             raise refuse(f"bad sampling settings: {e}") from None
         seen = options.pop("seen", None)

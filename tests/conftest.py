@@ -565,6 +565,47 @@ def transformers_vision_twin(embedder):
     return model.eval()
 
 
+def transformers_text_twin(embedder, layers: int | None = None):
+    """transformers' CLIPTextModel holding an OpenCLIP text tower (``embedder.model``), converted
+    by diffusers' ``convert_open_clip_checkpoint``; ``layers`` keeps the first blocks only (a
+    diffusers SD2 folder keeps all but the last: its last hidden state is SD2's penultimate layer)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = embedder.model
+    width = text.token_embedding.weight.shape[1]
+    blocks = len(text.transformer.resblocks)
+    config = CLIPTextConfig(
+        vocab_size=text.token_embedding.weight.shape[0], hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=blocks if layers is None else layers, num_attention_heads=text.transformer.resblocks[0].attn.num_heads,
+        max_position_embeddings=text.positional_embedding.shape[0], hidden_act="gelu", layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407,
+    )
+    model = CLIPTextModel(config).eval()
+    state = {f"cond_stage_model.{k}": v for k, v in embedder.state_dict().items()}
+    converted = convert_open_clip_checkpoint(model, state)
+    own = model.state_dict().keys()
+    # transformers >= 5 dropped the ``text_model.`` level of CLIPTextModel's keys; the text
+    # projection is not part of CLIPTextModel, nor used by SD; blocks beyond ``layers`` are dropped.
+    converted = {k if k in own else k.removeprefix("text_model."): v for k, v in converted.items()}
+    model.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=True)
+    return model
+
+
+def transformers_tokenizer(embedder, pad_with_zero: bool = True):
+    """transformers' CLIPTokenizer built from an OpenCLIP tokenizer's BPE vocabulary and merges.
+    It pads with "!" (id 0, as open_clip and diffusers' SD2 tokenizer pad), which makes "!" a special
+    token split out of prompts ("!!" is two tokens, one for open_clip); ``pad_with_zero=False``
+    pads with the end token instead, and tokenizes "!" as open_clip does."""
+    from transformers import CLIPTokenizer
+
+    bpe = embedder.tokenizer
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    start, end = bpe.decoder[bpe.sot_token_id], bpe.decoder[bpe.eot_token_id]
+    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, bos_token=start, eos_token=end, unk_token=end,
+                         pad_token=bpe.decoder[0] if pad_with_zero else end, model_max_length=embedder.max_length)
+
+
 def guided_ddim(model, cond, uncond, x_T: torch.Tensor, steps: int = 10, scale: float = 9.0) -> torch.Tensor:
     """Final latents of a guided DDIM run (eta 0) from ``x_T`` with conditioning dicts."""
     from ldm.models.diffusion.ddim import DDIMSampler
@@ -577,44 +618,6 @@ def guided_ddim(model, cond, uncond, x_T: torch.Tensor, steps: int = 10, scale: 
 
 
 # -- diffusers-format folders
-def transformers_text_twin(model, layers: int | None = None):
-    """transformers' CLIPTextModel holding ``model``'s OpenCLIP text tower (diffusers'
-    ``convert_open_clip_checkpoint``), its first ``layers`` layers (None: all of them). SD2's
-    diffusers folders hold all but the last: diffusers conditions on the last hidden state of the
-    layers it has, through the final layer norm, which is the original's penultimate conditioning."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    text = model.cond_stage_model.model
-    blocks = text.transformer.resblocks
-    layers = len(blocks) if layers is None else layers
-    width = text.token_embedding.weight.shape[1]
-    config = CLIPTextConfig(
-        vocab_size=text.token_embedding.weight.shape[0], hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=layers, num_attention_heads=blocks[0].attn.num_heads,
-        max_position_embeddings=text.positional_embedding.shape[0], hidden_act="gelu", layer_norm_eps=1e-5,
-        bos_token_id=49406, eos_token_id=49407,
-    )
-    encoder = CLIPTextModel(config).eval()
-    converted = convert_open_clip_checkpoint(encoder, model.state_dict())
-    own = encoder.state_dict().keys()  # transformers >= 5 dropped the ``text_model.`` level
-    converted = {k if k in own else k.removeprefix("text_model."): v for k, v in converted.items()}
-    encoder.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=True)
-    return encoder
-
-
-def sd2_clip_tokenizer(model):
-    """transformers' CLIPTokenizer with the text encoder's BPE, padding with "!" (id 0) as open_clip
-    and SD2's diffusers folders do."""
-    from transformers import CLIPTokenizer
-
-    bpe = model.cond_stage_model.tokenizer
-    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    start, end = bpe.decoder[bpe.sot_token_id], bpe.decoder[bpe.eot_token_id]
-    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, bos_token=start, eos_token=end, unk_token=end,
-                         pad_token=bpe.decoder[0], model_max_length=77)
-
-
 def diffusers_pipeline_twin(config, model, parameterization: str = "eps"):
     """diffusers' StableDiffusionPipeline (the inpainting one for a 9-channel UNet) holding ``model``,
     every component converted by diffusers' and transformers' own code: the folder a user holds."""
@@ -623,8 +626,8 @@ def diffusers_pipeline_twin(config, model, parameterization: str = "eps"):
     unet = diffusers_unet_twin(config, model)
     pipeline = StableDiffusionInpaintPipeline if unet.config.in_channels == 9 else StableDiffusionPipeline
     return pipeline(
-        vae=diffusers_vae_twin(config, model), text_encoder=transformers_text_twin(model, len(model.cond_stage_model.model.transformer.resblocks) - 1),
-        tokenizer=sd2_clip_tokenizer(model), unet=unet, scheduler=sd2_ddim_scheduler(parameterization),
+        vae=diffusers_vae_twin(config, model), text_encoder=transformers_text_twin(model.cond_stage_model, len(model.cond_stage_model.model.transformer.resblocks) - 1),
+        tokenizer=transformers_tokenizer(model.cond_stage_model), unet=unet, scheduler=sd2_ddim_scheduler(parameterization),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

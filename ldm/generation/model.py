@@ -23,6 +23,8 @@ from ldm.generation.speed import compile_model, compile_module, hold_weights, re
 from ldm.loading import build_model, load_config, load_model_from_config
 from ldm.lora import LoraMerge, lora_names, merge_loras, prompt_loras
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
+from ldm.modules.encoders.embeddings import Embedding, EmbeddingError, load_embeddings
+from ldm.modules.encoders.prompts import PROMPT_SYNTAXES, PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "shapes-demo.yaml"
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "demo" / "shapes-demo.safetensors"
 # What a config's ``sampling:`` section may set (see Model.sampling_defaults).
 SAMPLING_KEYS = ("sampler", "schedule", "steps", "scale", "strength")
+KEPT_TEXT = 16  # negative prompts whose encoding a model keeps (the web UI's recent ones)
 
 
 @dataclass
@@ -190,10 +193,12 @@ class Model:
         self.computes_in = resolve_precision(settings.precision, self.device)
         """The precision really used: ``settings.precision``, but "full" for the default on a CPU
         without native bfloat16 (see :mod:`ldm.generation.speed`)."""
+        self.embeddings: list[Embedding] = self._read_embeddings()
         self._net: torch.nn.Module | None = None
         self._lora_merge = LoraMerge()
-        self._empty_prompt: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
         self._controlnets: dict[Path, torch.nn.Module] = {}
+        self._prompts: PromptEncoder | None = None
+        self._kept_text: dict[tuple[str, int, bool, torch.dtype], torch.Tensor] = {}
 
     @property
     def target(self) -> str:
@@ -268,7 +273,7 @@ class Model:
                 merge_loras(net, loras, self._lora_merge)
             except CheckpointError as e:
                 raise GenerationError(f"LoRA: {e}") from None
-            self._empty_prompt.clear()  # a LoRA of the text encoder changes it
+            self._kept_text.clear()  # a LoRA of the text encoder changes the kept negative prompts' encodings
             if self.settings.compile and self.device.type == "cpu":  # frozen weights: compiled anew (or found on disk)
                 compile_model(net, self.device, self.settings.compile_mode)
         return cleaned
@@ -282,14 +287,45 @@ class Model:
             raise UsageError(f"<lora:{name}>: no such LoRA in {folder} ({', '.join(files) or 'it holds none'})")
         return files[name]
 
-    def empty_prompt_conditioning(self) -> torch.Tensor:
-        """The text encoder's output for the empty prompt (guidance's unconditional input): the same
-        for every batch, so encoded once per model and autocast state, not once per batch."""
+    @property
+    def prompts(self) -> PromptEncoder:
+        """The loaded model's prompt encoder: A1111's syntax (or none, ``prompt_syntax``), prompts of
+        any length in 75-token chunks, and the textual-inversion embeddings (see ldm.modules.encoders.prompts)."""
+        if self._prompts is None:
+            self._prompts = PromptEncoder(self.load().cond_stage_model, self.embeddings, PROMPT_SYNTAXES[self.settings.prompt_syntax])
+        return self._prompts
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A UsageError for a prompt the syntax cannot read (``(word:1.2.3)``), before anything runs."""
+        parse = PROMPT_SYNTAXES[self.settings.prompt_syntax]
+        for prompt in prompts:
+            try:
+                parse(prompt)
+            except ValueError as e:
+                raise UsageError(f"{e}: {prompt[:80]!r}") from None
+
+    def negative_prompt_conditioning(self, prompt: str = "", chunks: int = 1) -> torch.Tensor:
+        """The conditioning of guidance's unconditional text (the empty prompt by default) in at least
+        ``chunks`` chunks: the same for every batch, so encoded once per text, length and autocast
+        state, not once per batch (the last :data:`KEPT_TEXT` texts are kept)."""
         device = self.device.type
-        key = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        if key not in self._empty_prompt:
-            self._empty_prompt[key] = self.load().get_learned_conditioning([""])
-        return self._empty_prompt[key]
+        key = (prompt, chunks, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if key not in self._kept_text:
+            while len(self._kept_text) >= KEPT_TEXT:
+                del self._kept_text[next(iter(self._kept_text))]
+            self._kept_text[key] = self.prompts.encode([prompt], chunks)
+        return self._kept_text[key]
+
+    def _read_embeddings(self) -> list[Embedding]:
+        """The textual-inversion embeddings of the settings, checked against the text encoder's width."""
+        s = self.settings
+        if not s.embeddings and s.embeddings_dir is None:
+            return []
+        width = self.geometry.net.cond_stage_model.model.token_embedding.embedding_dim
+        try:
+            return load_embeddings(s.embeddings, s.embeddings_dir, width)
+        except EmbeddingError as e:
+            raise GenerationError(f"textual inversion: {e}") from None
 
     def controlnet(self, path: Path) -> torch.nn.Module:
         """The ControlNet in ``path`` for this model, loaded once (held and compiled as the UNet)."""

@@ -19,6 +19,7 @@ from ldm.generation.settings import ModelSettings, OutputSettings, SamplingSetti
 from ldm.models.diffusion.samplers import ORIGINAL_FLAGS, SAMPLERS, parse_sampler
 from ldm.models.diffusion.schedules import SCHEDULES
 from ldm.modules.attention import IMPLEMENTATIONS
+from ldm.modules.encoders.prompts import PROMPT_SYNTAXES
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,12 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     model_default = "or the model config's sampling: section"
     p = argparse.ArgumentParser(prog=pipeline.script or f"{task}.py", description=f"{pipeline.__doc__ or task} See docs/pipelines.md.")
     p.add_argument("--prompt", type=str, nargs="?", default=None,
-                   help=f"the prompt to render (default: {pipeline.default_prompt!r}; {DEMO_PROMPT!r} for the demo model)")
+                   help=f"the prompt to render (default: {pipeline.default_prompt!r}; {DEMO_PROMPT!r} for the demo model); "
+                        "AUTOMATIC1111's syntax: (word) x1.1, [word] /1.1, (word:1.3), \\( for a literal bracket, BREAK to "
+                        "start a new 75-token chunk; any length (see docs/adapters.md)")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="what guidance steers away from: the unconditional text of classifier-free guidance, in the "
+                        "prompt's syntax (default: empty, the original's; no effect at --scale 1)")
     pipeline.add_arguments(p)
     p.add_argument("--outdir", type=str, nargs="?", default=f"outputs/{task}-samples", help="folder to write results to (default: %(default)s)")
     p.add_argument(*pipeline.step_flags, dest="steps", type=positive, default=None,
@@ -174,6 +180,16 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                         "an approximation of the VAE's images (see docs/samplers.md, SD-Turbo on a CPU)")
     bench.add_argument("--random_weights", action="store_true",
                        help="random weights (the same every run) instead of --ckpt (timing only: the images are noise)")
+    prompts = p.add_argument_group("prompts and textual inversion (see docs/adapters.md)")
+    prompts.add_argument("--prompt_syntax", choices=list(PROMPT_SYNTAXES), default="a1111",
+                         help="how prompts are read: a1111, AUTOMATIC1111's weights and BREAK; none, brackets are plain "
+                              "text. Either way prompts over 75 tokens are encoded in 75-token chunks, not truncated (default: %(default)s)")
+    prompts.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE",
+                         help="a textual-inversion embedding for SD2 (A1111 .pt/.bin, safetensors with emb_params, diffusers learned_embeds, a bare "
+                              "tensor), used wherever its file's stem appears in a prompt; repeatable")
+    prompts.add_argument("--embeddings_dir", type=str, default=None, metavar="DIR",
+                         help="use every embedding file under this folder, each named by its file's stem (those for other "
+                              "models, SD1 or SDXL, are skipped with a warning)")
     return bench
 
 
@@ -184,6 +200,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
         compile_mode=args.compile_mode, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
+        prompt_syntax=args.prompt_syntax, embeddings=tuple(args.embeddings), embeddings_dir=args.embeddings_dir,
     )
 
 
@@ -194,7 +211,10 @@ def sampling_from_args(args: argparse.Namespace, task: str, model: Model) -> Sam
     if args.scale == 0.0:
         logger.warning("--scale 0 samples the unconditional prediction alone: the prompt has no effect "
                        "(for no guidance use --scale 1, what diffusers calls guidance_scale 0 or 1)")
-    return SamplingSettings(args.sampler, args.steps, args.ddim_eta, args.scale, args.seed, args.fixed_code, args.schedule)
+    if args.scale == 1.0 and args.negative_prompt:
+        logger.warning("--negative_prompt has no effect at --scale 1: without guidance there is no unconditional text")
+    return SamplingSettings(args.sampler, args.steps, args.ddim_eta, args.scale, args.seed, args.fixed_code, args.schedule,
+                            args.negative_prompt)
 
 
 def output_settings_from_args(args: argparse.Namespace) -> OutputSettings:

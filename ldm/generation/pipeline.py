@@ -114,19 +114,25 @@ class Pipeline:
         raise NotImplementedError
 
     def conditioning(self, prompts: list[str]) -> tuple[Any, Any]:
-        """The UNet's conditioning and its unconditional twin (None without guidance).
+        """The UNet's conditioning and its unconditional twin, the negative prompt's (None without
+        guidance), through the model's prompt encoder (:attr:`Model.prompts`: A1111's weights, any
+        length, embeddings), both in as many 77-token chunks as the longest needs.
 
-        Each distinct prompt is encoded once, and the empty prompt of guidance once per model
-        (:meth:`Model.empty_prompt_conditioning`): n copies of a prompt cost the text encoder one
+        Each distinct prompt is encoded once, and the negative prompt once per model and length
+        (:meth:`Model.negative_prompt_conditioning`): n copies of a prompt cost the text encoder one
         sequence, not 2n as in the original scripts. The rows are the same up to float rounding (the
         encoder treats each sequence on its own), and bit for bit for a batch of one prompt (the
         original's two calls)."""
         distinct = list(dict.fromkeys(prompts))
         row = {prompt: i for i, prompt in enumerate(distinct)}
-        c = self.net.get_learned_conditioning(distinct)[[row[p] for p in prompts]]
-        if self.sampling.scale == 1.0:
+        encoder, negative = self.model.prompts, self.sampling.negative_prompt
+        unconditional = [negative] if self.sampling.scale != 1.0 else []
+        chunks = max(encoder.count(p) for p in distinct + unconditional)
+        c = encoder.encode(distinct, chunks)[[row[p] for p in prompts]]
+        if not unconditional:
             return c, None
-        return c, self.model.empty_prompt_conditioning().repeat(len(prompts), *(1,) * (c.ndim - 1))
+        uc = self.model.negative_prompt_conditioning(negative, chunks)
+        return c, uc.repeat(len(prompts), *(1,) * (c.ndim - 1))
 
     def start(self) -> None:
         """Draw the run's fixed random inputs; the caller seeds right before."""

@@ -152,7 +152,9 @@ def image_metadata(pipeline: Pipeline, seed_mode: str = "stream") -> dict[str, s
     and under the batch seed rule its ``batch_seed``)."""
     s, files = pipeline.sampling, pipeline.model.files
     meta = {
-        "negative_prompt": "",
+        "negative_prompt": s.negative_prompt,
+        "prompt_syntax": pipeline.model.settings.prompt_syntax,
+        **({"embeddings": ", ".join(e.name for e in pipeline.model.embeddings)} if pipeline.model.embeddings else {}),
         "seed": s.seed,
         **({"seed_mode": seed_mode} if seed_mode != "stream" else {}),
         "sampler": s.sampler,
@@ -251,6 +253,7 @@ def prepare(args, task: str, seed_mode: str, session: Session) -> Prepared:
     pipeline.use_controls(controls_from_args(args))
     default_prompt = DEMO_PROMPT if model.files.demo else pipeline.default_prompt
     batches = read_prompts(args.prompt, args.from_file, output.n_samples, default_prompt, args.repeat)
+    model.check_prompts([*dict.fromkeys(p for batch in batches for p in batch), sampling.negative_prompt])
     check_output_paths(output)
     pipeline.vae_tile_size = args.vae_tile_size
     check_fits(pipeline, guided=pipeline.guided)

@@ -135,6 +135,7 @@ class ModelServer:
     def run(self, pipeline: Pipeline, prompt: str, progress: Callable[[int, int], None] | None = None) -> Generated:
         """``pipeline.n_samples`` images of ``prompt``: the first batch the task's script makes with
         these settings, written as it writes them (watermark, PNG metadata, numbered names)."""
+        self.model.check_prompts([prompt, pipeline.sampling.negative_prompt])
         with self._lock:
             pipeline.progress = progress
             try:

@@ -28,6 +28,9 @@ class ModelSettings:
     ``taesd``: decode with TAESD's decoder from this file instead of the VAE (approximate, fast).
     ``loras``: (file, weight) pairs merged into the weights at load; ``lora_dir``: the folder that
     prompts' ``<lora:NAME:WEIGHT>`` tags name files of.
+    ``prompt_syntax``: "a1111" (weights such as ``(word:1.3)``, ``BREAK``) or "none" (brackets are
+    text); prompts of any length either way. ``embeddings``: textual-inversion files, and every one
+    under ``embeddings_dir``, each used where its file's stem appears in a prompt.
     """
 
     config: Path | None = None
@@ -44,8 +47,13 @@ class ModelSettings:
     taesd: Path | None = None
     loras: tuple[tuple[Path, float], ...] = ()
     lora_dir: Path | None = None
+    prompt_syntax: str = "a1111"
+    embeddings: tuple[Path, ...] = ()
+    embeddings_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        from ldm.modules.encoders.prompts import PROMPT_SYNTAXES
+
         self.config = Path(self.config) if self.config is not None else None
         self.ckpt = Path(self.ckpt) if self.ckpt is not None else None
         self.taesd = Path(self.taesd) if self.taesd is not None else None
@@ -56,8 +64,12 @@ class ModelSettings:
                 raise UsageError(f"--lora {path}: no such file")
         if self.lora_dir is not None and not self.lora_dir.is_dir():
             raise UsageError(f"--lora_dir {self.lora_dir}: no such folder")
+        self.embeddings = tuple(Path(p) for p in self.embeddings)
+        self.embeddings_dir = Path(self.embeddings_dir) if self.embeddings_dir is not None else None
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.prompt_syntax not in PROMPT_SYNTAXES:
+            raise UsageError(f"prompt syntax {self.prompt_syntax!r}: choose one of {', '.join(PROMPT_SYNTAXES)}")
 
 
 @dataclass
@@ -67,7 +79,8 @@ class SamplingSettings:
     ``sampler`` takes any name or AUTOMATIC1111 spelling (``"DPM++ 2M Karras"`` also sets the
     schedule); ``schedule`` None is the sampler's default, ``eta`` None the task's or the sampler's
     (0 for DDIM, 1 for ancestral and SDE samplers; deterministic samplers take none). A scale of 1 is
-    no guidance (the conditional prediction alone), as in the original formula.
+    no guidance (the conditional prediction alone), as in the original formula. ``negative_prompt``
+    is guidance's unconditional text (the original's: the empty prompt).
     """
 
     sampler: str = "ddim"
@@ -77,6 +90,7 @@ class SamplingSettings:
     seed: int = 42
     fixed_code: bool = False
     schedule: str | None = None
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         from ldm.models.diffusion.samplers import SAMPLERS, parse_sampler

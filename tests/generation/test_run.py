@@ -32,10 +32,11 @@ def test_each_distinct_prompt_is_encoded_once(tiny_files, monkeypatch, scale):
     one-per-copy encoding to 1e-5 of their scale (float32; another batch size may round the encoder's
     matmuls differently)."""
     model = Model(ModelSettings(config=tiny_files["config"], ckpt=tiny_files["safetensors"], device="cpu"))
-    net = model.load()
-    encode = net.get_learned_conditioning
+    encode = model.load().get_learned_conditioning
+    encoder = model.prompts
+    encode_prompts = encoder.encode
     seen = []
-    monkeypatch.setattr(net, "get_learned_conditioning", lambda texts: seen.append(list(texts)) or encode(texts))
+    monkeypatch.setattr(encoder, "encode", lambda texts, chunks=1: seen.append(list(texts)) or encode_prompts(texts, chunks))
     prompts = ["a red circle", "a blue square", "a red circle", "a red circle"]
     with torch.no_grad():
         c, uc = Txt2ImgPipeline(model, SamplingSettings(scale=scale)).conditioning(prompts)

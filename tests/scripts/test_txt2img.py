@@ -192,9 +192,11 @@ def test_demo_model_is_the_default_when_installed(tiny_files, tmp_path, monkeypa
         assert image.text["prompt"] == DEMO_PROMPT
 
 
-def test_too_long_prompt_warning(tiny_files, tmp_path, caplog):
-    assert txt2img(tiny_files, tmp_path, "--prompt", "a red circle " * 40) == 0
-    assert "tokens long" in caplog.text and "were dropped" in caplog.text
+def test_too_long_prompt_is_encoded_in_chunks_not_truncated(tiny_files, tmp_path, caplog):
+    """120 tokens: two 75-token chunks, as AUTOMATIC1111 (the original dropped the last 45)."""
+    with caplog.at_level("INFO", logger="ldm"):
+        assert txt2img(tiny_files, tmp_path, "--prompt", "a red circle " * 40) == 0
+    assert "encoded in 2 chunks" in caplog.text and "were dropped" not in caplog.text
 
 
 def _config_variant(tiny_files, tmp_path: Path, native_mha: bool = False, text: str | None = None) -> str:
@@ -291,7 +293,8 @@ def test_cli_run_with_autocast_and_a_too_long_prompt(tiny_files, tmp_path):
                         "--n_samples", "2", "--n_iter", "1", "--prompt", "a red circle " * 40, "--outdir", "out",
                         "--time_file", "time.txt", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "were dropped" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("encoded in 2 chunks") == 1 and "were dropped" not in result.stderr
+    assert "Traceback" not in result.stderr
     assert "2 images in out/samples (00000.png to 00001.png), grid out/grid-0000.png;" in result.stdout
     assert "s/image" in result.stdout and "it/s" in result.stdout
     assert len(samples(tmp_path / "out")) == 2 and float((tmp_path / "time.txt").read_text()) > 0

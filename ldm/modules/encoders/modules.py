@@ -111,7 +111,12 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         return self.encode_with_transformer(tokens)
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding
+        return self.encode_token_embeddings(self.model.token_embedding(tokens))
+
+    def encode_token_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for token embeddings ``x`` (batch, context, width): the seam where
+        textual-inversion vectors take the place of token embeddings (``ldm.modules.encoders.prompts``)."""
+        x = x + self.model.positional_embedding
         x = x.transpose(0, 1).contiguous()  # (tokens, batch, width)
         blocks = self.model.transformer.resblocks
         mask = self.model.attn_mask

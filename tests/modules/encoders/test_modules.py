@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FIXTURES, rel_err, transformers_vision_twin, write_clip_stats
+from conftest import FIXTURES, rel_err, transformers_text_twin, transformers_tokenizer, transformers_vision_twin, write_clip_stats
 from ldm.modules.encoders.modules import (
     CLIPEmbeddingNoiseAugmentation,
     ClipImageEmbedder,
@@ -43,40 +43,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf_text_model(tiny_eps_model):
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    text = tiny_eps_model.cond_stage_model.model
-    width = text.token_embedding.weight.shape[1]
-    config = CLIPTextConfig(
-        vocab_size=text.token_embedding.weight.shape[0],
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=len(text.transformer.resblocks),
-        num_attention_heads=text.transformer.resblocks[0].attn.num_heads,
-        max_position_embeddings=text.positional_embedding.shape[0],
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-    )
-    model = CLIPTextModel(config).eval()
-    converted = convert_open_clip_checkpoint(model, tiny_eps_model.state_dict())
-    # The text projection is not part of CLIPTextModel, nor used by SD.
-    converted = {k: v for k, v in converted.items() if k != "text_projection.weight"}
-    # transformers >= 5 dropped the ``text_model.`` level of CLIPTextModel's keys.
-    own = model.state_dict().keys()
-    converted = {k if k in own else k.removeprefix("text_model."): v for k, v in converted.items()}
-    model.load_state_dict(converted, strict=True)
-    return model
+    return transformers_text_twin(tiny_eps_model.cond_stage_model)
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tiny_eps_model):
-    from transformers import CLIPTokenizer
-
-    bpe = tiny_eps_model.cond_stage_model.tokenizer
-    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    start, end = bpe.decoder[bpe.sot_token_id], bpe.decoder[bpe.eot_token_id]
-    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, bos_token=start, eos_token=end, unk_token=end, pad_token=end)
+    return transformers_tokenizer(tiny_eps_model.cond_stage_model, pad_with_zero=False)
 
 
 def reference_ids(tokenizer, prompts, length: int = 77) -> torch.Tensor:
