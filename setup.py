@@ -24,7 +24,7 @@ setup(
         # The web UI (scripts/webui.py); its tests drive it with gradio_client and Playwright (the
         # browser itself is the system's Chromium: apt-get install chromium).
         "webui": ["gradio>=6,<7", "gradio_client>=2"],
-        "test": ["pytest", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia", "torchsde"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia", "torchsde"],
         "xformers": ["xformers"],
         "controlnet": ["kornia"],  # --preprocess canny
         "watermark": ["invisible-watermark"],

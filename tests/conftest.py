@@ -1,16 +1,23 @@
 """Shared fixtures: a tiny model with the SD2 structure and random weights, its config and
-checkpoint files. Every test module builds its models from here, never its own copy."""
+checkpoint files. Every test module builds its models from here, never its own copy. Also the
+helpers the modules share (comparisons, image files, child processes), each defined once."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm.checkpoint import save_state_dict
 from ldm.loading import build_model
@@ -18,8 +25,8 @@ from ldm.loading import build_model
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CONFIGS = ROOT / "configs" / "stable-diffusion"
-# Every tensor (key and shape) of a real SD2 checkpoint: ../shared/, beside the checkout.
-SD2_KEYS_FILE = ROOT.parent / "shared" / "sd2-checkpoint-keys.json"
+# Every tensor (key and shape) of each real SD2 checkpoint (tests/fixtures/checkpoint-keys/README.md).
+CHECKPOINT_KEYS = FIXTURES / "checkpoint-keys"
 
 
 def tiny_config(parameterization: str = "eps", native_mha: bool = False):
@@ -87,6 +94,131 @@ def assert_computes_as(model, reference) -> None:
         assert torch.equal(model.decode_first_stage(x[:1]), reference.decode_first_stage(x[:1]))
 
 
+def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the largest value, max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """``actual`` is ``expected`` to ``rtol`` of its largest value (:func:`rel_max`)."""
+    error = rel_max(actual, expected)
+    assert error <= rtol, f"max |diff| is {error:.3g} x max |expected|, more than {rtol}"
+
+
+def unet_inputs(batch: int = 2, size: int = 8, tokens: int = 7, seed: int = 0, timesteps=(1, 981)):
+    """A tiny UNet's inputs: latents (batch, 4, size, size), the first ``batch`` of ``timesteps`` and
+    a text context (batch, tokens, 48), drawn in that order from a generator seeded ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=gen)
+    return x, torch.tensor(timesteps[:batch]), torch.randn(batch, tokens, 48, generator=gen)
+
+
+# -- images and processes
+def samples(outdir: Path) -> list[Path]:
+    """The images a run wrote into ``outdir/samples``, in order."""
+    return sorted((outdir / "samples").glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def sample_images(outdir: Path) -> list[np.ndarray]:
+    """The pixels of the images a run wrote into ``outdir/samples``, in order."""
+    return [pixels(path) for path in samples(outdir)]
+
+
+def assert_valid_pngs(paths) -> None:
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()  # a truncated PNG fails here
+
+
+def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    """Images of the same computation in another order of float operations: a truncation to uint8
+    may flip, by one level, in under 1% of the pixels."""
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
+
+
+def shape_mask(image: np.ndarray) -> np.ndarray:
+    """The pixels of a drawn shape: the background is white, every shape colour has a dark channel."""
+    return image.min(-1) < 150
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    """How much of its bounding box a shape fills (circle pi/4, square 1, triangle 1/2)."""
+    ys, xs = np.nonzero(mask)
+    return float(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python process: this checkout's ``ldm`` first on its path (not an
+    installed copy), and one thread as in this process (thread counts change float rounding)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
+
+
+def pids_with_env(*entries: str) -> list[int]:
+    """The processes whose environment holds every ``NAME=value`` of ``entries``, in sessions other
+    than this process's: the children started in their own session (torchrun's, a benchmark run's)
+    and what they started, not this process's helpers (multiprocessing's resource tracker)."""
+    wanted, ours = {entry.encode() for entry in entries}, os.getsid(0)
+    found = []
+    for path in Path("/proc").iterdir():
+        if not path.name.isdigit():
+            continue
+        try:
+            session = int((path / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            if session != ours and wanted <= set((path / "environ").read_bytes().split(b"\0")):
+                found.append(int(path.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_for(condition, timeout: float, alive=lambda: True, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it holds; fail if ``alive()`` turns false first or after ``timeout``
+    seconds (a bound against hanging, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert alive(), f"ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def vae_training_config() -> dict:
+    """main.py's config for 3 steps of the tiny autoencoder on 16x16 shapes (f = 8: 2x2 latents,
+    enough to run every layer), checkpointed every 2 steps."""
+    return {
+        "seed": 1,
+        "model": {
+            "target": "ldm.training.autoencoder.AutoencoderTrainer",
+            "params": {"first_stage_config": tiny_config().model.params.first_stage_config, "learning_rate": 1e-3},
+        },
+        "data": {"target": "ldm.data.shapes.ShapesDataset", "params": {"num_samples": 8, "size": 16}, "batch_size": 4},
+        "lightning": {"checkpoint_every_n_steps": 2, "trainer": {"max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False}},
+    }
+
+
+def save_yaml(config: dict, path: Path) -> str:
+    OmegaConf.save(OmegaConf.create(config), path)
+    return str(path)
+
+
 def tiny_model(parameterization: str = "eps", native_mha: bool = False, seed: int = 0):
     return randomize_(build_model(tiny_config(parameterization, native_mha), "cpu"), seed).eval()
 
@@ -141,11 +273,17 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
     return {"config": config, "safetensors": folder / "tiny.safetensors", "ckpt": folder / "tiny.ckpt"}
 
 
+def family_keys(name: str) -> dict[str, list[int]]:
+    """Every tensor (key -> shape) of a real SD2 checkpoint: ``sd2`` (text-to-image), ``inpainting``,
+    ``depth``, ``x4-upscaler``, ``unclip-l`` or ``unclip-h``."""
+    stem = "sd2" if name == "sd2" else f"sd2-{name}"
+    with gzip.open(CHECKPOINT_KEYS / f"{stem}-checkpoint-keys.json.gz", "rt") as f:
+        return json.load(f)["tensors"]
+
+
 @pytest.fixture(scope="session")
 def sd2_keys() -> dict[str, list[int]]:
-    if not SD2_KEYS_FILE.is_file():
-        pytest.skip(f"{SD2_KEYS_FILE} not found (it lives in shared/, beside the checkout)")
-    return json.loads(SD2_KEYS_FILE.read_text())["tensors"]
+    return family_keys("sd2")
 
 
 def diffusers_unet_twin(config, model):
@@ -230,12 +368,6 @@ def tiny_inpaint_model():
 @pytest.fixture(scope="session")
 def tiny_depth_model():
     return tiny_family_model("depth")
-
-
-
-
-
-
 
 
 # Our (the original's) names -> transformers' names; the ViT's fused qkv is split separately
@@ -332,15 +464,6 @@ def sd2_ddim_scheduler(parameterization: str):
     )
 
 
-def family_keys(name: str) -> dict[str, list[int]]:
-    """Every tensor (key -> shape) of an SD2 family's real checkpoint (``inpainting``, ``depth``,
-    ``x4-upscaler``, ``unclip-l``, ``unclip-h``), from shared/; skips without it."""
-    path = ROOT.parent / "shared" / f"sd2-{name}-checkpoint-keys.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (it lives in shared/, beside the checkout)")
-    return json.loads(path.read_text())["tensors"]
-
-
 # -- upscaler and unCLIP families
 TINY_CLIP_ARCH = f"local-dir:{FIXTURES / 'tiny-clip'}"
 # unCLIP-L embeds with OpenAI CLIP (``model:``), unCLIP-H with OpenCLIP (``arch:``).
@@ -398,8 +521,6 @@ def tiny_unclip_models(tiny_clip_stats) -> dict:
         "l": randomize_(build_model(tiny_unclip_config("l", tiny_clip_stats), "cpu"), seed=6).eval(),
         "h": randomize_(build_model(tiny_unclip_config("h"), "cpu"), seed=7).eval(),
     }
-
-
 
 
 def transformers_vision_twin(embedder):

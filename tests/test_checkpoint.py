@@ -184,7 +184,11 @@ def test_missing_and_unexpected_keys_are_listed_with_counts(fresh_model, tiny_st
 
 def test_non_strict_tolerates_missing_keys_but_not_shapes(fresh_model, tiny_state):
     state = {k: v for k, v in tiny_state.items() if not k.startswith("cond_stage_model.")}
+    kept = {k: v.clone() for k, v in fresh_model.state_dict().items() if k.startswith("cond_stage_model.")}
     apply_state_dict(fresh_model, state, strict=False)
+    now = fresh_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert all(torch.equal(now[k], v) for k, v in kept.items())  # the missing ones keep their values
     state[UNET + "out.2.bias"] = torch.zeros(5)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         apply_state_dict(fresh_model, state, strict=False)
@@ -210,9 +214,11 @@ def test_one_integer_tensor_is_named_even_when_a_cast_would_hide_it(fresh_model,
     assert f"dtype mismatches 1: {UNET}out.2.weight (checkpoint torch.int64, model expects floating point)" in str(err.value)
 
 
-def test_float16_weights_and_integer_counters_load(fresh_model, tiny_state):
-    state = {k: v.half() if v.is_floating_point() else v for k, v in tiny_state.items()}
+def test_float16_weights_load_as_their_values_in_the_models_float32(fresh_model, tiny_state):
+    state = {k: v.half() for k, v in tiny_state.items()}
     apply_state_dict(fresh_model, state)  # a cast within a kind is how half-precision files load
+    loaded = fresh_model.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()) for k, v in state.items())
 
 
 def test_native_mha_checkpoint_against_original_config_points_to_converter(fresh_model):
@@ -358,10 +364,8 @@ def real_meta_models() -> dict:
 
 
 @pytest.mark.parametrize("checkpoint, config", [(k, c) for k in REAL for c in REAL if k != c])
-def test_family_checkpoint_given_to_another_config_names_the_right_one(checkpoint, config, real_meta_models,
-                                                                        sd2_keys):
-    keys = sd2_keys if checkpoint == "sd2" else family_keys(checkpoint)
-    state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+def test_family_checkpoint_given_to_another_config_names_the_right_one(checkpoint, config, real_meta_models):
+    state = {k: torch.empty(shape, device="meta") for k, shape in family_keys(checkpoint).items()}
     with pytest.raises(CheckpointError) as err:
         apply_state_dict(real_meta_models[config], state, assign=True)
     message = str(err.value)

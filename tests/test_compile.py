@@ -1,5 +1,5 @@
 """torch.compile of the UNet: one graph, no breaks, for every implementation but xFormers,
-and compiled output equal to eager output.
+and compiled output equal to eager output (tracing or compiling the whole UNet is marked slow).
 
 Tolerance of the compiled run: inductor fuses and reorders float32 arithmetic (and may use
 other matmul kernels), so it agrees with eager to float32 rounding accumulated over the
@@ -11,14 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import assert_close, tiny_model, unet_inputs
 from ldm.modules.attention import set_attention_implementation
 from ldm.modules.diffusionmodules.util import timestep_embedding
-
-
-def inputs(batch: int = 2):
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 4, 8, 8, generator=gen), torch.tensor([1, 981])[:batch], torch.randn(batch, 7, 48, generator=gen)
 
 
 def assert_no_graph_breaks(fn, *args) -> None:
@@ -37,6 +32,7 @@ def unets():
     return {"original": unet, "native": native}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vanilla", "sdpa", "native"])
 def test_unet_has_no_graph_breaks(unets, name):
     if name == "native":
@@ -44,13 +40,14 @@ def test_unet_has_no_graph_breaks(unets, name):
     else:
         unet = unets["original"]
         set_attention_implementation(unet, name)
-    assert_no_graph_breaks(unet, *inputs())
+    assert_no_graph_breaks(unet, *unet_inputs())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["x4", "unclip"])
 def test_class_conditional_unet_has_no_graph_breaks(family, tiny_x4_model, tiny_unclip_models):
     """The label embedding (x4: integer noise levels; unCLIP: the adm vector) stays in the graph."""
-    x, t, context = inputs()
+    x, t, context = unet_inputs()
     if family == "x4":
         unet, x, y = tiny_x4_model.model.diffusion_model, torch.cat([x, x[:, :3]], 1), torch.tensor([20, 350])
     else:
@@ -70,19 +67,20 @@ def test_timestep_embedding_has_no_graph_breaks():
     assert_no_graph_breaks(lambda t: timestep_embedding(t, 32), torch.tensor([1.0, 500.0]))
 
 
+@pytest.mark.slow
 def test_compiled_unet_matches_eager(unets):
     """Inductor on the CPU, native-MHA UNet, whole graph (fullgraph=True fails on any break)."""
     unet = unets["native"]
-    x, t, context = inputs()
+    x, t, context = unet_inputs()
     torch._dynamo.reset()
     compiled = torch.compile(unet, backend="inductor", fullgraph=True)
     with torch.no_grad():
         expected = unet(x, t, context)
         actual = compiled(x, t, context)
-    scale = expected.abs().max().item()
-    assert (actual - expected).abs().max().item() <= 1e-4 * scale
+    assert_close(actual, expected, 1e-4)
 
 
+@pytest.mark.slow
 def test_every_sampler_runs_a_compiled_unet_without_breaks_or_recompiles(guidance_inputs):
     """A whole run of each sampler through one compiled UNet (fullgraph: a break fails): it compiles at
     most once per timestep dtype (DDIM and PLMS pass integer timesteps, the rest fractional ones) and

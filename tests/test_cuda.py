@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, rel_err, tiny_model
+from conftest import ROOT, child_env, rel_err, tiny_model, unet_inputs
 from ldm.checkpoint import apply_state_dict
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import attention
@@ -55,12 +54,6 @@ def ieee_float32():
     yield
     for s, value in zip(settings, before):
         s.fp32_precision = value
-
-
-def unet_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latents, a low and a high timestep, and a text context of the tiny model's width (48)."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 4, 8, 8, generator=gen), torch.tensor([1, 981])[:batch], torch.randn(batch, 7, 48, generator=gen)
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +174,8 @@ def run_txt2img(tiny_files, cwd: Path, *flags: str) -> subprocess.CompletedProce
     model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"])]
     # 4 steps, not 3: the script refuses 3 (a stride of 1000 // 3 visits 4 timesteps, the last, 999 + 1, past the schedule).
     fast = ["--H", "64", "--W", "64", "--steps", "4", "--n_samples", "1", "--n_iter", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *model, *fast, "--device", DEVICE.type, "--outdir", "out", *flags],
-                          cwd=cwd, capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env=child_env())  # fmt: skip
 
 
 @pytest.mark.parametrize("compile_flags", [[], ["--compile"]], ids=["eager", "compile"])

@@ -6,7 +6,6 @@ stays within its size budget."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,25 +13,15 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
+from conftest import ROOT, fill_ratio, shape_mask
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "shapes-demo.yaml"
 WEIGHTS = ROOT / "ldm" / "demo" / "shapes-demo.safetensors"
 PROMPTS = {"a red circle": ("red", "circle"), "a green square": ("green", "square"), "a blue triangle": ("blue", "triangle")}
 SEEDS = (0, 1, 2)
 STEPS, SCALE = 20, 4.0
-
-
-def shape_mask(image: np.ndarray) -> np.ndarray:
-    """Non-background pixels: the background is white, every shape colour has a dark channel."""
-    return image.min(-1) < 150
-
-
-def fill_ratio(mask: np.ndarray) -> float:
-    ys, xs = np.nonzero(mask)
-    return float(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
 
 
 @pytest.fixture(scope="module")

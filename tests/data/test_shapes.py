@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fill_ratio, shape_mask
 from ldm.data.folder import ImageCaptionFolder
 from ldm.data.shapes import COLOURS, SHAPES, ShapesDataset, draw_shape, write_folder
 
 # What tests/test_demo.py measures on generated images, checked here on drawn ones.
 EXPECTED_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
-
-
-def shape_mask(image: np.ndarray) -> np.ndarray:
-    """Pixels that are not white background: some channel clearly below 255."""
-    return image.min(-1) < 150
-
-
-def fill_ratio(mask: np.ndarray) -> float:
-    ys, xs = np.nonzero(mask)
-    return float(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
 
 
 def test_samples_are_deterministic_and_seed_dependent():

@@ -17,7 +17,6 @@ format are bit-exact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import (
-    CONFIGS, ROOT, diffusers_pipeline_twin, family_keys, rel_err, sd2_ddim_scheduler, tiny_config, tiny_family_config, tiny_x4_config,
+    CONFIGS, child_env, diffusers_pipeline_twin, family_keys, rel_err, sd2_ddim_scheduler, tiny_config, tiny_family_config,
+    tiny_x4_config,
 )
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.diffusers_format import DiffusersFormatError, check_config, inspect_folder, load_folder, save_folder
@@ -180,8 +180,7 @@ def test_neither_diffusers_nor_transformers_is_needed(tiny_diffusers_folders, tm
         f"model = load_model_from_config({str(tmp_path / 'tiny.yaml')!r}, {str(tiny_diffusers_folders['eps'])!r})\n"
         f"save_folder(model.state_dict(), load_config({str(tmp_path / 'tiny.yaml')!r}), {str(tmp_path / 'out')!r})\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout's ldm
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=child_env(), timeout=120)
     assert done.returncode == 0, done.stderr
     assert inspect_folder(tmp_path / "out").family == "text-to-image"
 
@@ -278,8 +277,8 @@ def sd2_json_folder(path: Path, config_name: str, keys: dict[str, list[int]]) ->
 
 
 @pytest.mark.parametrize("config_name", ["v2-inference.yaml", "v2-inference-v.yaml", "v2-inpainting-inference.yaml"])
-def test_real_sd2_folders_name_their_config(config_name, sd2_keys, tmp_path):
-    keys = family_keys("inpainting") if "inpainting" in config_name else sd2_keys
+def test_real_sd2_folders_name_their_config(config_name, tmp_path):
+    keys = family_keys("inpainting" if "inpainting" in config_name else "sd2")
     folder = inspect_folder(sd2_json_folder(tmp_path, config_name, keys))
     assert folder.config_name == f"configs/stable-diffusion/{config_name}"
     check_config(folder, OmegaConf.load(CONFIGS / config_name))

@@ -2,7 +2,7 @@
 single-file converters and the modules diffusers and transformers build for SD2.
 
 Every tensor of the real text-to-image and inpainting checkpoints (the key and shape lists in
-shared/) is a meta tensor here, so nothing is allocated. UNet and VAE: each diffusers name must
+tests/fixtures/checkpoint-keys/) is a meta tensor here, so nothing is allocated. UNet and VAE: each diffusers name must
 hold the very tensor (or a view of it) that diffusers' converter puts there, so two tensors of
 the same shape swapped would fail; the way back must give every original name its own tensor.
 Text encoder: names and shapes (diffusers' converter copies the q/k/v parts); its values are
@@ -24,9 +24,9 @@ from ldm.diffusers_format.names import TEXT, UNET, VAE
 
 
 @pytest.fixture(scope="module", params=["v2-inference.yaml", "v2-inpainting-inference.yaml"])
-def sd2(request, sd2_keys):
+def sd2(request):
     """(config, meta state dict) of a real SD2 checkpoint."""
-    keys = sd2_keys if request.param == "v2-inference.yaml" else family_keys("inpainting")
+    keys = family_keys("sd2" if request.param == "v2-inference.yaml" else "inpainting")
     return OmegaConf.load(CONFIGS / request.param), {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
 
 

@@ -15,16 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import rel_max
 from ldm.generation import aot, speed
 
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
-
-
-def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture()
@@ -43,6 +40,7 @@ def forbid_compiling(monkeypatch):
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_package_instead_of_compiling(folder, monkeypatch, caplog):
     net, x = small_net(), torch.randn(2, 3, 6, 6)
     with torch.no_grad():
@@ -58,6 +56,7 @@ def test_a_second_process_loads_the_package_instead_of_compiling(folder, monkeyp
         assert list(folder.glob("*.pt2")) == [package]
 
 
+@pytest.mark.slow
 def test_compile_module_replaces_forward_with_a_package(tmp_path, monkeypatch):
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
     net, x = small_net(), torch.randn(2, 3, 6, 6)
@@ -100,6 +99,7 @@ def test_the_key_follows_what_the_compiled_code_depends_on(folder):
     assert packaged(settings, folder).key((x,), {}) != base
 
 
+@pytest.mark.slow
 def test_a_damaged_package_is_compiled_again(folder, caplog):
     net, x = small_net(), torch.randn(2, 3, 6, 6)
     with torch.no_grad():

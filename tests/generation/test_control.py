@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import load_script, randomize_, tiny_config
+from conftest import CONFIGS, load_script, randomize_, sample_images, samples, tiny_config
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
 from ldm.generation.control import ControlSettings, canny, controls_from_args, parse_control, scribble
@@ -49,7 +49,7 @@ def run(files, task: str, outdir: Path, *flags: str) -> list[np.ndarray]:
     size = SIZE if task == "txt2img" else []
     argv = ["--config", str(files["config"]), "--ckpt", str(files["safetensors"]), "--outdir", str(outdir), *size, *FAST, *flags]
     assert main(argv, task) == 0
-    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted((outdir / "samples").glob("*.png"))]
+    return sample_images(outdir)
 
 
 def expected_hint(files) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_txt2img_with_a_controlnet_is_the_controlled_sampler(files, tmp_path):
     (the hint stretched to 64x64) in the conditional and unconditional batches."""
     got = run(files, "txt2img", tmp_path, "--prompt", "a box", "--control", f"{files['control']}:0.8:0.2:0.8",
               "--hint", str(files["hint"]))
-    with Image.open(sorted((tmp_path / "samples").glob("*.png"))[0]) as png:
+    with Image.open(samples(tmp_path)[0]) as png:
         assert png.text["controlnet"] == "control.safetensors:0.8:0.2:0.8 hint hint.png"
     from ldm.modules.diffusionmodules.controlnet import load_controlnet
 
@@ -180,7 +180,7 @@ def test_the_memory_estimate_counts_each_controlnet(files, monkeypatch):
     from ldm.generation.settings import ModelSettings, SamplingSettings
     from ldm.generation.tasks import Txt2ImgPipeline
 
-    real = Model(ModelSettings(config=Path("configs/stable-diffusion/v2-inference.yaml").resolve(), random_weights=True, device="cpu"))
+    real = Model(ModelSettings(config=CONFIGS / "v2-inference.yaml", random_weights=True, device="cpu"))
     with torch.device("meta"):
         net = ControlNet(**controlnet_params(real.config.model.params.unet_config.params))
     trunk = memory._controlnet_bytes(real.geometry.unet)

@@ -1,7 +1,7 @@
 """Generation split over processes (ldm.generation.distributed): the job's batches, the batch seed
-rule and who runs what; then true ``torchrun`` runs of 2 CPU processes on gloo, compared byte for
-byte with one-process runs of the same code on the same device type, a resumed job, and ranks that
-fail or are killed mid-run.
+rule and who runs what; then true ``torchrun`` runs of 2 CPU processes on gloo (marked slow),
+compared byte for byte with one-process runs of the same code on the same device type, a resumed job,
+and ranks that fail or are killed mid-run.
 
 One-process references run in-process (conftest sets 1 thread, as torchrun's OMP_NUM_THREADS=1):
 float results can depend on the thread count, never on the number of processes.
@@ -9,22 +9,21 @@ float results can depend on the thread count, never on the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, assert_valid_pngs, child_env, free_port, needs_proc, pids_with_env, samples, wait_for
 from ldm.generation import main
 from ldm.generation.distributed import JobSettings, Plan, batch_seed, job_units
 from ldm.generation.errors import UsageError
@@ -34,39 +33,34 @@ FAST = ["--H", "64", "--W", "64", "--steps", "2", "--precision", "full"]
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a red square"]
 # 5 prompts in batches of 2, twice: 6 batches (sizes 2, 2, 1, 2, 2, 1), 10 images.
 JOB = ["--n_samples", "2", "--n_iter", "2"]
-FAILURE_BOUND_S = 90  # a rank's failure stops the others within this (torchrun's agent, the store flag)
+FAILURE_BOUND_S = 90  # a rank's failure stops the others well within this (torchrun's agent, the store flag)
 
 
 def model_flags(tiny_files) -> list[str]:
     return ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"])]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], port: int, script: Path = SCRIPT, env: dict | None = None, **popen) -> subprocess.Popen:
+def torchrun(args: list[str], port: int, script: Path = SCRIPT) -> subprocess.Popen:
     """``torchrun --nproc_per_node 2`` of ``script`` on the CPU (gloo), as a subprocess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, **popen)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT,
+                            start_new_session=True)
 
 
-def finished(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=timeout)
+def stop(proc: subprocess.Popen) -> None:
+    """Kill what is left of a torchrun run: the agent and its ranks (its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    """The exit status and output of ``proc``; killed (and the test failed) past ``timeout`` seconds."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop(proc)
     return proc.returncode, out + err
-
-
-def samples(outdir: Path) -> list[Path]:
-    return sorted((outdir / "samples").glob("*.png"))
-
-
-def assert_valid_pngs(paths) -> None:
-    for path in paths:
-        with Image.open(path) as image:
-            image.load()  # a truncated PNG fails here
 
 
 # -- the job, the seed rule, the shares -------------------------------------------------------------
@@ -74,10 +68,12 @@ def assert_valid_pngs(paths) -> None:
 
 def test_batch_seed_is_a_fixed_32_bit_hash():
     # The rule is part of the file format of a job: changing it changes every batch-rule image.
-    assert batch_seed(42, 0) == batch_seed(42, 0) != batch_seed(42, 1)
-    assert batch_seed(42, 1) != batch_seed(43, 0)  # neighbouring seeds share no batch
+    assert [batch_seed(42, 0), batch_seed(42, 1), batch_seed(43, 0), batch_seed(0, 10**6)] == [
+        3500217437, 2519300318, 2604460496, 3777701101]
+    # Neighbouring seeds share no batch (as seed + index would), and every value is a valid --seed.
+    seeds = [batch_seed(s, i) for s in range(40, 45) for i in range(100)]
+    assert len(set(seeds)) == len(seeds)
     assert all(0 <= batch_seed(s, i) < 2**32 for s in (0, 42, 2**32 - 1) for i in (0, 1, 10**6))
-    assert batch_seed(42, 0) == 3500217437
 
 
 def test_units_number_batches_and_images_in_the_one_process_order():
@@ -153,17 +149,17 @@ def jobs(tiny_files, tmp_path_factory) -> dict[str, Path]:
         shutil.copy2(root / "one_skip" / "samples" / f"{i:05}.png", root / "two_skip" / "samples")
     before = {p.name: p.stat() for p in samples(root / "two_skip")}
     timed = ["--time_file", str(root / "time.txt"), "--stats_file", str(root / "stats.json")]
-    runs = {
+    runs = {  # both at once: much of a run is starting its processes
         "two_skip": torchrun([*flags, "--outdir", str(root / "two_skip"), "--skip_existing", "--stats_file", str(root / "skip.json")], free_port()),
         "two_batch": torchrun([*flags, "--outdir", str(root / "two_batch"), *timed], free_port()),
     }
-    for name, proc in runs.items():  # one after the other: the machine has few cores
-        status, output = finished(proc)
+    for name, (status, output) in {name: finished(proc) for name, proc in runs.items()}.items():
         assert status == 0, output
         (root / f"{name}.log").write_text(output)
     return {"root": root, "before": before}
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_files_as_one(jobs):
     root = jobs["root"]
     one, two = samples(root / "one_batch"), samples(root / "two_batch")
@@ -175,6 +171,7 @@ def test_two_processes_write_the_same_files_as_one(jobs):
     assert not list((root / "two_batch").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_rank_0_writes_the_summary_with_aggregate_and_per_rank_figures(jobs):
     root = jobs["root"]
     stats = json.loads((root / "stats.json").read_text())
@@ -189,6 +186,7 @@ def test_rank_0_writes_the_summary_with_aggregate_and_per_rank_figures(jobs):
     assert "by 2 processes" in log and "images/s in all" in log and log.count("grid-0000.png") == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_job_writes_only_what_is_missing_under_another_world_size(jobs):
     root = jobs["root"]
     reference, resumed = samples(root / "one_skip"), samples(root / "two_skip")
@@ -205,6 +203,7 @@ def test_a_resumed_job_writes_only_what_is_missing_under_another_world_size(jobs
     assert sum(r["batches"] for r in stats["ranks"]) == 4
 
 
+@pytest.mark.slow
 def test_demo_model_two_processes_write_the_same_files_as_one(tmp_path):
     flags = ["--steps", "4", "--n_samples", "1", "--n_iter", "2", "--precision", "full", "--prompt", "a blue triangle"]
     assert main([*flags, "--outdir", str(tmp_path / "one"), "--seed_mode", "batch"]) == 0
@@ -236,6 +235,7 @@ sys.exit(main(sys.argv[1:], "txt2img"))
 '''
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_others_with_its_reason(tiny_files, tmp_path):
     script = tmp_path / "faulty_txt2img.py"
     script.write_text(FAULTY)
@@ -250,36 +250,21 @@ def test_a_failing_rank_stops_the_others_with_its_reason(tiny_files, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
-def _rank_pid(port: int, rank: int) -> int | None:
-    """The process of ``rank`` in the torchrun run on ``port``, found through /proc."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = set((entry / "environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if f"MASTER_PORT={port}".encode() in env and f"RANK={rank}".encode() in env and b"LOCAL_RANK=1" in env:
-            return int(entry.name)
-    return None
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+@pytest.mark.slow
+@needs_proc
 def test_a_killed_rank_stops_the_others_in_bounded_time_and_the_job_resumes(tiny_files, tmp_path):
     out = tmp_path / "out"
     flags = [*model_flags(tiny_files), *FAST, "--n_samples", "1", "--n_iter", "60", "--outdir", str(out), "--skip_existing"]
     port = free_port()
     proc = torchrun(flags, port)
-    deadline = time.monotonic() + 300
-    while len(samples(out)) < 4 if (out / "samples").is_dir() else True:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before writing 4 images"
-        time.sleep(0.2)
-    pid = _rank_pid(port, 1)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    status, output = finished(proc, timeout=FAILURE_BOUND_S)
-    assert time.monotonic() - killed < FAILURE_BOUND_S
+    try:
+        wait_for(lambda: len(samples(out)) >= 4, timeout=300, alive=lambda: proc.poll() is None, what="4 images")
+        (pid,) = pids_with_env(f"MASTER_PORT={port}", "RANK=1", "LOCAL_RANK=1")
+        os.kill(pid, signal.SIGKILL)
+    except BaseException:
+        stop(proc)
+        raise
+    status, output = finished(proc, timeout=FAILURE_BOUND_S)  # a rank left waiting forever fails here
     # Rank 0 stops either way, whichever comes first: torchrun's SIGTERM, or gloo seeing its peer gone.
     stopped = r"\[rank 0/2\] txt2img\.py: (terminated by SIGTERM \(images written so far are complete|error: [^\n]*: a process stopped without reporting)"
     assert status != 0 and re.search(stopped, output), output

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import random_kohya, tiny_model
+from conftest import pixels, random_kohya, samples, tiny_model
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
 from ldm.generation.errors import UsageError
@@ -39,8 +39,8 @@ def files(tiny_files, tmp_path_factory) -> dict[str, Path]:
 def run(files, outdir: Path, *flags: str) -> np.ndarray:
     argv = ["--config", str(files["config"]), "--ckpt", str(files["safetensors"]), "--outdir", str(outdir), *FAST, *flags]
     assert main(argv, "txt2img") == 0
-    [path] = sorted((outdir / "samples").glob("*.png"))
-    return np.asarray(Image.open(path).convert("RGB"))
+    [path] = samples(outdir)
+    return pixels(path)
 
 
 def test_prompt_tags_are_taken_out():
@@ -56,7 +56,7 @@ def test_a_lora_flag_and_a_prompt_tag_give_the_merged_models_image(files, tmp_pa
     plain = run(files, tmp_path / "plain", "--prompt", "a red box")
     assert np.abs(flag.astype(int) - tag.astype(int)).max() <= 1
     assert np.abs(flag.astype(int) - plain.astype(int)).max() > 10
-    with Image.open(sorted((tmp_path / "flag" / "samples").glob("*.png"))[0]) as png:
+    with Image.open(samples(tmp_path / "flag")[0]) as png:
         assert png.text["lora"] == "style.safetensors:0.7"
 
 

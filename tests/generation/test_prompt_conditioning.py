@@ -91,6 +91,7 @@ def test_cross_attention_takes_a_longer_context(native_mha):
     assert not torch.allclose(long, short)
 
 
+@pytest.mark.slow  # dynamo traces the whole UNet
 @pytest.mark.parametrize("dynamic, graphs", [(None, [1, 2, 2, 2]), (False, [1, 2, 2, 3])], ids=["automatic", "static"])
 def test_a_new_context_length_recompiles_the_unet(dynamic, graphs):
     """What docs/adapters.md states: torch.compile's default (automatic dynamic shapes) compiles once

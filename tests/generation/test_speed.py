@@ -1,7 +1,7 @@
 """ldm/generation/speed.py: the precision chosen on CPUs with and without native bfloat16 (the
 capability query monkeypatched), UNet weights held in bfloat16 (bit-identical under autocast),
 the UNet compiled for frozen inference weights against eager (and with it the VAE decoder, a whole
-generation against eager), and inductor's on-disk cache folder (the packages: test_aot.py).
+generation against eager; these compilations are marked slow), and inductor's on-disk cache folder (the packages: test_aot.py).
 
 Tolerances: compiled float32 against eager float32, 1e-4 of the output's scale (as tests/test_compile.py:
 float32 rounding reordered by fusion); bfloat16 (autocast) against float32, 3e-2 of the output's
@@ -17,19 +17,10 @@ import logging
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import child_env, rel_max, tiny_model, unet_inputs
 from ldm.generation import speed
 from ldm.generation.model import Model
 from ldm.generation.settings import ModelSettings
-
-
-def unet_inputs():
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([1, 981]), torch.randn(2, 7, 48, generator=gen)
-
-
-def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture()
@@ -117,6 +108,7 @@ def test_inductor_options():
     assert speed.inductor_options("cuda", "max-autotune") is None  # the mode as is
 
 
+@pytest.mark.slow
 def test_compiled_weights_are_frozen_and_prepacked():
     """--compile on the CPU really freezes: oneDNN-prepacked convolution and linear weights (passing
     ``freezing`` only as a torch.compile option froze nothing) and no change to the global config."""
@@ -167,11 +159,11 @@ def test_cache_folder_survives_torchs_import(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != speed.CACHE_ENV} | {"XDG_CACHE_HOME": str(tmp_path)}
+    env = {k: v for k, v in child_env(XDG_CACHE_HOME=str(tmp_path)).items() if k != speed.CACHE_ENV}
     code = ("import os, torch._dynamo; from ldm.generation import speed; print(os.environ.get(speed.CACHE_ENV)); "
             "print(speed.use_compile_cache()); print(os.environ[speed.CACHE_ENV])")
     filled, chosen, env_after = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                               check=True).stdout.split()
+                                               check=True, timeout=120).stdout.split()
     ours = str(tmp_path / "ldm-sd2" / "torchinductor")
     assert filled != ours and chosen == ours and env_after == ours
 
@@ -187,12 +179,14 @@ def compiled_pair():
     return unet, fp32, speed.compile_module(bf16, "cpu")
 
 
+@pytest.mark.slow
 def test_compiled_float32_equals_eager(compiled_pair):
     unet, fp32, _ = compiled_pair
     with torch.no_grad():
         assert rel_max(fp32(*unet_inputs()), unet(*unet_inputs())) <= 1e-4
 
 
+@pytest.mark.slow
 def test_compiled_bf16_against_eager(compiled_pair):
     unet, _, bf16 = compiled_pair
     with torch.no_grad():
@@ -205,6 +199,7 @@ def test_compiled_bf16_against_eager(compiled_pair):
     assert rel_max(compiled, eager) <= 3e-2
 
 
+@pytest.mark.slow
 def test_compile_covers_the_unet_and_on_the_cpu_the_vae_decoder(tiny_files):
     """--compile on the CPU: the UNet and the VAE decoder compiled (frozen), the images those of eager
     float32 to 1e-4 (fusion reorders float32 roundings; the images are in [0, 1])."""

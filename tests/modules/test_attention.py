@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ldm.modules.attention as attention
-from conftest import tiny_model
+from conftest import assert_close, tiny_model
 from ldm.modules.attention import (
     CrossAttention,
     NativeMHAttention,
@@ -31,12 +31,6 @@ FUSED_SDPA = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scale
               "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention"}
 MATERIALISING = {"aten::softmax", "aten::_softmax", "aten::_safe_softmax", "aten::_native_multi_head_attention",
                  "aten::_scaled_dot_product_attention_math"}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-    scale = expected.abs().max().item()
-    diff = (actual.double() - expected.double()).abs().max().item()
-    assert diff <= rtol * scale, f"max |diff| {diff:.3g} exceeds {rtol} x max |expected| {scale:.3g}"
 
 
 def ops_run(fn) -> set[str]:
@@ -81,7 +75,7 @@ def test_original_layout_matches_diffusers(name, context_dim, inputs):
     module.load_state_dict(reference.state_dict())  # same key names: to_q, to_k, to_v, to_out.0
     module.implementation = name
     with torch.no_grad():
-        assert_close(module(x, context), reference(x, encoder_hidden_states=context))
+        assert_close(module(x, context), reference(x, encoder_hidden_states=context), RTOL)
 
 
 def test_native_layout_matches_diffusers(context_dim, inputs):
@@ -90,7 +84,7 @@ def test_native_layout_matches_diffusers(context_dim, inputs):
     module = NativeMHAttention(64, context_dim, heads=4, dim_head=16).eval()
     module.load_state_dict(as_native(reference.state_dict()))
     with torch.no_grad():
-        assert_close(module(x, context), reference(x, encoder_hidden_states=context))
+        assert_close(module(x, context), reference(x, encoder_hidden_states=context), RTOL)
 
 
 def test_native_layout_gradients_match(context_dim, inputs):
@@ -106,8 +100,8 @@ def test_native_layout_gradients_match(context_dim, inputs):
         q_grad = native.in_proj_weight.grad[:64]
     else:
         q_grad = native.q_proj_weight.grad
-    assert_close(q_grad, original.to_q.weight.grad)
-    assert_close(native.out_proj.weight.grad, original.to_out[0].weight.grad)
+    assert_close(q_grad, original.to_q.weight.grad, RTOL)
+    assert_close(native.out_proj.weight.grad, original.to_out[0].weight.grad, RTOL)
 
 
 def test_implementations_agree_on_the_unet():
@@ -121,7 +115,7 @@ def test_implementations_agree_on_the_unet():
             assert set_attention_implementation(unet, name) == 14  # 7 transformer blocks, 2 attentions each
             outputs[name] = unet(x, t, context)
     for name, out in outputs.items():
-        assert_close(out, outputs["vanilla"])
+        assert_close(out, outputs["vanilla"], RTOL)
 
 
 def test_implementation_choice_is_checked(monkeypatch):
@@ -196,7 +190,7 @@ def test_sdpa_backends_choose_the_kernel_and_agree(inputs):
             assert kernel in ops_run(lambda: module(x, context))
             with torch.no_grad():
                 results[label] = module(x, context)
-    assert_close(results["flash"], results["math"])
+    assert_close(results["flash"], results["math"], RTOL)
     with sdpa_backends():  # nothing disabled: PyTorch's own choice, the fused CPU kernel
         assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops_run(lambda: module(x, context))
 

@@ -80,6 +80,7 @@ def test_generation_matches_plms(both):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_compiled_peer_is_the_eager_peer(both):
     """diffusers_sdpa_compile: the peer's UNet compiled as ours (--compile on the CPU: frozen, ahead of
     time), called as its pipeline calls it, gives the eager pipeline's image."""

@@ -5,15 +5,13 @@ folders of another config's model are one-line errors."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, diffusers_pipeline_twin, load_script, tiny_family_config
+from conftest import ROOT, diffusers_pipeline_twin, load_script, sample_images, tiny_family_config
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.generation import main
 from ldm.generation.model import resolve_model_files
@@ -23,14 +21,10 @@ FAST = ["--steps", "2", "--n_samples", "1", "--n_iter", "1", "--precision", "ful
 SIZE = ["--H", "64", "--W", "64"]
 
 
-def images(outdir: Path) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p)) for p in sorted((outdir / "samples").glob("*.png"))]
-
-
 def test_txt2img_with_a_folder_equals_the_file(tiny_files, tiny_diffusers_folders, tmp_path):
     for name, ckpt in (("file", tiny_files["safetensors"]), ("folder", tiny_diffusers_folders["eps"])):
         assert main(["--config", str(tiny_files["config"]), "--ckpt", str(ckpt), "--outdir", str(tmp_path / name), *SIZE, *FAST], "txt2img") == 0
-    got, expected = images(tmp_path / "folder"), images(tmp_path / "file")
+    got, expected = sample_images(tmp_path / "folder"), sample_images(tmp_path / "file")
     assert len(got) == 1 and np.array_equal(got[0], expected[0])
 
 
@@ -48,7 +42,7 @@ def test_inpaint_with_a_folder_equals_the_file(tiny_inpaint_model, tmp_path):
     for name in ("inpaint.safetensors", "inpaint-folder"):
         flags = ["--config", str(config), "--ckpt", str(tmp_path / name), "--outdir", str(tmp_path / f"out-{name}"), *inputs, *FAST]
         assert main(flags, "inpaint") == 0
-    got, expected = images(tmp_path / "out-inpaint-folder"), images(tmp_path / "out-inpaint.safetensors")
+    got, expected = sample_images(tmp_path / "out-inpaint-folder"), sample_images(tmp_path / "out-inpaint.safetensors")
     assert len(got) == 1 and np.array_equal(got[0], expected[0])
 
 

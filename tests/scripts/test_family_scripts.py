@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import load_script, randomize_, tiny_family_config, tiny_unclip_config, tiny_x4_config
+from conftest import (ROOT, assert_same_images, load_script, randomize_, sample_images, samples, tiny_family_config,
+                      tiny_family_model, tiny_unclip_config, tiny_x4_config)
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
 from ldm.generation.images import load_init_image, pad_to_multiple
@@ -24,11 +25,7 @@ from ldm.loading import build_model, load_model_from_config
 FAST = ["--steps", "2", "--n_iter", "1", "--precision", "full", "--no_watermark", "--seed", "7"]
 
 
-def write_model(folder: Path, config, seed: int, depth: bool = False) -> dict[str, Path]:
-    model = randomize_(build_model(config, "cpu"), seed).eval()
-    if depth:  # as tests/conftest.py's tiny depth model: a depth map that is not constant
-        with torch.no_grad():
-            model.depth_model.model.scratch.output_conv[4].bias.add_(2.0)
+def write_model(folder: Path, config, model) -> dict[str, Path]:
     OmegaConf.save(config, folder / "config.yaml")
     save_state_dict(model.state_dict(), folder / "model.safetensors")
     return {"config": folder / "config.yaml", "ckpt": folder / "model.safetensors"}
@@ -37,17 +34,20 @@ def write_model(folder: Path, config, seed: int, depth: bool = False) -> dict[st
 @pytest.fixture(scope="module")
 def families(tmp_path_factory, tiny_clip_stats) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("families")
-    configs = {
-        "inpaint": (tiny_family_config("inpainting"), 11, False),
-        "depth2img": (tiny_family_config("depth"), 12, True),
-        "upscale": (tiny_x4_config(), 13, False),
-        "variations": (tiny_unclip_config("h"), 14, False),
-        "variations-l": (tiny_unclip_config("l", tiny_clip_stats), 15, False),
+    def random(config, seed: int):
+        return config, randomize_(build_model(config, "cpu"), seed).eval()
+
+    models = {
+        "inpaint": (tiny_family_config("inpainting"), tiny_family_model("inpainting", seed=11)),
+        "depth2img": (tiny_family_config("depth"), tiny_family_model("depth", seed=12)),
+        "upscale": random(tiny_x4_config(), 13),
+        "variations": random(tiny_unclip_config("h"), 14),
+        "variations-l": random(tiny_unclip_config("l", tiny_clip_stats), 15),
     }
     files = {}
-    for name, (config, seed, depth) in configs.items():
+    for name, (config, model) in models.items():
         (root / name).mkdir()
-        files[name] = write_model(root / name, config, seed, depth)
+        files[name] = write_model(root / name, config, model)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "image.png")
     mask = np.zeros((40, 50), np.uint8)
@@ -67,25 +67,9 @@ def run(families, task: str, outdir: Path, *flags: str, model: str | None = None
     return main(["--config", str(files["config"]), "--ckpt", str(files["ckpt"]), "--outdir", str(outdir), *FAST, *flags], task)
 
 
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def samples(outdir: Path) -> list[np.ndarray]:
-    return [pixels(p) for p in sorted((outdir / "samples").glob("*.png"))]
-
-
 def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
     x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
     return [(255.0 * s.cpu().numpy().transpose(1, 2, 0)).astype(np.uint8) for s in x]
-
-
-def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        assert a.shape == b.shape
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
 
 
 def demo_image(path: Path) -> torch.Tensor:
@@ -103,9 +87,9 @@ def test_depth2img_takes_a_depth_map(families, tmp_path):
     flags = ["--image", str(inputs["image"]), "--strength", "1.0"]
     assert run(families, "depth2img", tmp_path / "midas", *flags) == 0
     assert run(families, "depth2img", tmp_path / "map", *flags, "--depth-map", str(inputs["depth"])) == 0
-    [midas], [given] = samples(tmp_path / "midas"), samples(tmp_path / "map")
+    [midas], [given] = sample_images(tmp_path / "midas"), sample_images(tmp_path / "map")
     assert given.shape == (40, 50, 3) and not np.array_equal(midas, given)  # the depth map conditions the result
-    with Image.open(sorted((tmp_path / "map" / "samples").glob("*.png"))[0]) as png:
+    with Image.open(samples(tmp_path / "map")[0]) as png:
         assert png.text["depth_map"] == "depth.png"
 
 
@@ -130,7 +114,7 @@ def test_depth2img_with_a_k_sampler(families, tmp_path, strength):
         start = {"init": z, "denoise_steps": 2} if strength < 1 else {"denoise_steps": 4}
         latents = SAMPLERS["euler"].sample(model, SampleRequest(cond, uncond, 9.0, 4, tuple(z.shape), schedule="karras", **start))
         expected = [x[:40, :50] for x in to_uint8(model.decode_first_stage(latents))]
-    assert_same_images(samples(tmp_path), expected)
+    assert_same_images(sample_images(tmp_path), expected)
 
 
 def test_variations_with_a_k_sampler(families, tmp_path):
@@ -150,7 +134,7 @@ def test_variations_with_a_k_sampler(families, tmp_path):
         request = SampleRequest({"c_crossattn": [c], "c_adm": adm}, {"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)},
                                 10.0, 2, (1, 4, 8, 8), schedule="karras")
         expected = to_uint8(model.decode_first_stage(SAMPLERS["dpmpp_2m"].sample(model, request)))
-    assert_same_images(samples(tmp_path), expected)
+    assert_same_images(sample_images(tmp_path), expected)
 
 
 def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats, capsys):
@@ -163,13 +147,13 @@ def test_unclip_l_needs_its_clip_statistics(families, tmp_path, tiny_clip_stats,
     err = capsys.readouterr().err
     assert "ViT-L-14_stats.th" in err and "--clip_stats" in err and not (tmp_path / "out").exists()
     assert main(["--config", str(tmp_path / "no-stats.yaml"), *flags, "--clip_stats", str(tiny_clip_stats)], "variations") == 0
-    assert len(samples(tmp_path / "out")) == 1
+    assert len(sample_images(tmp_path / "out")) == 1
 
 
 @pytest.mark.parametrize("script, task", [("inpaint.py", "inpaint"), ("depth2img.py", "depth2img"), ("upscale.py", "upscale"),
                                           ("unclip.py", "variations")])
 def test_scripts_are_the_tasks_entry_points(script, task):
-    source = (Path(__file__).resolve().parents[2] / "scripts" / script).read_text()
+    source = (ROOT / "scripts" / script).read_text()
     assert f'main(sys.argv[1:], "{task}")' in source
     load_script(f"scripts/{script}")  # imports cleanly
 

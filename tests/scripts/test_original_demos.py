@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pytorch_lightning import seed_everything
 
-from conftest import load_script, randomize_, tiny_family_config, tiny_family_model, tiny_unclip_config, tiny_x4_config
+from conftest import (assert_same_images, load_script, randomize_, sample_images, tiny_family_config, tiny_family_model,
+                      tiny_unclip_config, tiny_x4_config)
 from ldm.data.util import AddMiDaS
 from ldm.generation import main
 from ldm.loading import build_model
@@ -274,14 +275,7 @@ def task_script(files, task: str, outdir: Path, *flags: str) -> list[np.ndarray]
     argv = ["--config", str(model["config"]), "--ckpt", str(model["ckpt"]), "--outdir", str(outdir), "--n_iter", "1",
             "--precision", "full", "--no_watermark", "--seed", str(SEED), *flags]
     assert main(argv, task) == 0
-    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted((outdir / "samples").glob("*.png"))]
-
-
-def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
-    assert len(got) == len(expected) > 0
-    for a, b in zip(got, expected):
-        assert a.shape == b.shape
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
+    return sample_images(outdir)
 
 
 def cropped(images: list[Image.Image], h: int, w: int) -> list[np.ndarray]:

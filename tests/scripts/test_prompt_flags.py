@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import samples
 from ldm.generation import main
 from ldm.generation.images import to_uint8
 from ldm.generation.model import Model
@@ -28,7 +29,7 @@ def txt2img(tiny_files, outdir: Path, *flags: str) -> int:
 
 
 def sample(outdir: Path) -> tuple[np.ndarray, dict[str, str]]:
-    (path,) = sorted((outdir / "samples").glob("*.png"))
+    (path,) = samples(outdir)
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB")), dict(image.text)
 

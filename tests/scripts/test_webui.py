@@ -1,26 +1,24 @@
 """scripts/webui.py on the tiny model, served on 127.0.0.1 and a free port. A real Chromium drives
 the page: it types a prompt, clicks Generate, sees the progress and reads the image's pixels; it
-paints an inpainting mask; it sees a refused input's message; the page asks nothing of other
-hosts. gradio_client calls every endpoint: the same images, PNG file and metadata as the scripts
-for the same seed, progress per sampler step. 8 requests at once all complete. A full queue and
-bad inputs are messages, and the server keeps serving. The command line starts a server on
-127.0.0.1, the demo model without --config/--ckpt."""
+paints an inpainting mask on the tiny inpainting model; it sees a refused input's message; the page
+asks nothing of other hosts (these browser tests are marked slow). gradio_client calls every endpoint:
+the same images, PNG file and metadata as the scripts for the same seed, progress per sampler step.
+8 requests at once all complete. A full queue and bad inputs are messages, and the server keeps
+serving. The command line starts a server on 127.0.0.1 (a process: marked slow), the demo model
+without --config/--ckpt."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -28,13 +26,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, load_script
+from conftest import ROOT, child_env, free_port, load_script, tiny_family_config, wait_for
+from ldm.checkpoint import save_state_dict
 from ldm.generation import main, pipeline, serving
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import Model
 from ldm.generation.options import model_settings_from_args
 from ldm.generation.settings import ModelSettings
-from ldm.generation.tasks import TASKS, Img2ImgPipeline
+from ldm.generation.tasks import InpaintPipeline
 
 gr = pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[webui]'")
 pytest.importorskip("gradio_client", reason="the web UI tests need gradio_client: pip install -e '.[test]'")
@@ -46,12 +45,6 @@ SIZE = 64  # the tiny model's images
 FAST = {"steps": 2, "scale": 9.0}
 QUEUE_SIZE = 8
 BROWSER_ENV = "LDM_CHROMIUM"  # a Chromium or Chrome executable for the browser test
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(tiny_files, outdir: Path, *flags: str) -> SimpleNamespace:
@@ -145,6 +138,7 @@ def slow_steps(monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(pipeline.Pipeline, "_step_done", slow)
 
 
+@pytest.mark.slow
 def test_browser_types_a_prompt_generates_and_shows_the_image(page, monkeypatch):
     slow_steps(monkeypatch, 0.1)
     page.locator("#txt2img-prompt textarea").fill("a red circle")
@@ -162,6 +156,7 @@ def test_browser_types_a_prompt_generates_and_shows_the_image(page, monkeypatch)
     assert image.text["seed"] in page.locator("#txt2img-settings").inner_text()
 
 
+@pytest.mark.slow
 def test_page_asks_nothing_of_other_hosts(browser, server):
     page = browser.new_page()
     urls: list[str] = []
@@ -171,6 +166,7 @@ def test_page_asks_nothing_of_other_hosts(browser, server):
     assert urls and all(url.startswith((server.url, "data:", "blob:")) for url in urls), [u for u in urls if not u.startswith(server.url)]
 
 
+@pytest.mark.slow
 def test_browser_shows_a_refused_input_as_a_message(page):
     page.locator("#txt2img-prompt textarea").fill("")
     page.locator("#txt2img-generate").click()
@@ -234,9 +230,12 @@ def test_progress_reports_the_sampler_steps(client, monkeypatch):
     slow_steps(monkeypatch, 0.2)
     job = client.submit(prompt="a red circle", steps=4, api_name="/txt2img")
     seen = set()
-    while not job.done():
-        seen |= {(unit.index, unit.length, unit.desc) for unit in job.status().progress_data or []}
-        time.sleep(0.05)
+
+    def done() -> bool:
+        seen.update((unit.index, unit.length, unit.desc) for unit in job.status().progress_data or [])
+        return job.done()
+
+    wait_for(done, timeout=120, what="the end of the request")
     job.result(timeout=60)
     assert {(done, 4, "Sampling") for done in range(1, 5)} & seen, seen
 
@@ -285,10 +284,10 @@ def test_a_full_queue_is_a_clear_message(client, monkeypatch):
     running = client.submit(**request)
     waiting = []
     try:
-        wait_for(lambda: running.status().code.name == "PROCESSING")
+        wait_for(lambda: running.status().code.name == "PROCESSING", timeout=60, what="the first request running")
         for _ in range(QUEUE_SIZE):
             waiting.append(client.submit(**request))
-            wait_for(lambda: waiting[-1].status().code.name in ("IN_QUEUE", "QUEUE_FULL"))
+            wait_for(lambda: waiting[-1].status().code.name in ("IN_QUEUE", "QUEUE_FULL"), timeout=60, what="a queued request")
         with pytest.raises(Exception, match="Queue is full"):
             client.submit(**request).result(timeout=60)
     finally:
@@ -296,14 +295,7 @@ def test_a_full_queue_is_a_clear_message(client, monkeypatch):
     assert all(len(job.result(timeout=600)[0]) == 1 for job in [running, *waiting])
 
 
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-# -- the inpaint tab, on a stand-in pipeline until the real one lands ---------------------------
+# -- the inpaint tab, on the tiny inpainting model ---------------------------------------------
 
 def test_editor_value_gives_the_image_and_the_painted_mask():
     background = Image.new("RGBA", (32, 16), "blue")
@@ -318,70 +310,74 @@ def test_editor_value_gives_the_image_and_the_painted_mask():
         webui.editor_image_and_mask({"background": background, "layers": [], "composite": None})
 
 
-class StandInInpaint(Img2ImgPipeline):
-    """img2img under the name inpaint, taking an image and a mask: the inpaint tab's wiring, tested
-    until the real pipeline lands. It keeps the masks it is given."""
+@pytest.fixture(scope="module")
+def inpaint_server(tiny_inpaint_model, tmp_path_factory):
+    """A web UI on the tiny inpainting model, and its config and checkpoint files."""
+    folder = tmp_path_factory.mktemp("tiny-inpaint")
+    files = {"config": folder / "config.yaml", "safetensors": folder / "model.safetensors"}
+    OmegaConf.save(tiny_family_config("inpainting"), files["config"])
+    save_state_dict(tiny_inpaint_model.state_dict(), files["safetensors"])
+    ui = start(files, folder / "out")
+    ui.files = files
+    try:
+        yield ui
+    finally:
+        ui.app.close()
 
-    task = "inpaint"
-    masks: list[np.ndarray] = []
 
-    def __init__(self, model, sampling, image, mask, n_samples=1, vae_slice_size=None):
+def test_inpaint_endpoint_gives_the_scripts_images_and_checks_the_mask(inpaint_server, init_image, tmp_path):
+    client = Client(inpaint_server.url, verbose=False)
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/inpaint"}
+    image, mask = handle_file(str(init_image)), tmp_path / "mask.png"
+    Image.new("L", (SIZE, SIZE), 0).save(mask)
+    assert "black everywhere" in refused(client, prompt="a red circle", image=image, mask=handle_file(str(mask)),
+                                         api_name="/inpaint", **FAST)
+    Image.new("L", (SIZE, SIZE // 2), 255).save(mask)
+    assert "same size" in refused(client, prompt="a red circle", image=image, mask=handle_file(str(mask)),
+                                  api_name="/inpaint", **FAST)
+    assert "needs an image and a mask" in refused(client, prompt="a red circle", image=image, api_name="/inpaint", **FAST)
+    square = Image.new("L", (SIZE, SIZE), 0)
+    square.paste(255, (16, 16, 48, 40))
+    square.save(mask)
+    gallery, settings = client.predict(prompt="a red circle", image=image, mask=handle_file(str(mask)), seed=5,
+                                       api_name="/inpaint", **FAST)
+    expected = script_samples("inpaint", tmp_path / "script", inpaint_server.files, "--prompt", "a red circle",
+                              "--image", str(init_image), "--mask", str(mask), "--seed", "5", "--scale", "9.0", "--n_samples", "1")
+    assert len(gallery) == len(expected) == 1
+    assert Path(gallery[0]["image"]).read_bytes() == expected[0].read_bytes()  # pixels and metadata, the mask's name
+    assert settings["software"] == "ldm-sd2 inpaint" and settings["seed"] == "5"
+
+
+@pytest.mark.slow
+def test_browser_paints_a_mask_in_the_page_and_inpaints(browser, inpaint_server, init_image, monkeypatch):
+    masks = []
+    init = InpaintPipeline.__init__
+
+    def keeping_the_mask(self, model, sampling, image, mask, *args, **kwargs):
         with Image.open(mask) as m:
-            StandInInpaint.masks.append(np.asarray(m.convert("L")))
-        super().__init__(model, sampling, image, 0.5, n_samples, vae_slice_size)
+            masks.append(np.asarray(m.convert("L")))
+        init(self, model, sampling, image, mask, *args, **kwargs)
 
-
-@contextlib.contextmanager
-def inpaint_ui(tiny_files, outdir: Path) -> Iterator[SimpleNamespace]:
-    """A web UI whose base model also serves the stand-in inpaint task."""
-    StandInInpaint.masks.clear()
-    with pytest.MonkeyPatch.context() as m:
-        m.setitem(TASKS, "inpaint", StandInInpaint)
-        m.setitem(serving.FAMILY_TASKS, "LatentDiffusion", ("txt2img", "img2img", "inpaint"))
-        ui = start(tiny_files, outdir)
-        try:
-            yield ui
-        finally:
-            ui.app.close()
-
-
-def test_inpaint_endpoint_takes_an_image_and_a_mask_and_checks_the_mask(tiny_files, init_image, tmp_path):
-    with inpaint_ui(tiny_files, tmp_path / "out") as ui:
-        client = Client(ui.url, verbose=False)
-        assert "/inpaint" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-        image, mask = handle_file(str(init_image)), tmp_path / "mask.png"
-        Image.new("L", (SIZE, SIZE), 0).save(mask)
-        assert "black everywhere" in refused(client, prompt="a red circle", image=image, mask=handle_file(str(mask)),
-                                             api_name="/inpaint", **FAST)
-        Image.new("L", (SIZE, SIZE // 2), 255).save(mask)
-        assert "same size" in refused(client, prompt="a red circle", image=image, mask=handle_file(str(mask)),
-                                      api_name="/inpaint", **FAST)
-        assert "needs an image and a mask" in refused(client, prompt="a red circle", image=image, api_name="/inpaint", **FAST)
-        Image.new("L", (SIZE, SIZE), 255).save(mask)
-        gallery, settings = client.predict(prompt="a red circle", image=image, mask=handle_file(str(mask)), seed=5,
-                                           api_name="/inpaint", **FAST)
-        assert len(gallery) == 1 and settings["software"] == "ldm-sd2 inpaint" and settings["seed"] == "5"
-        assert StandInInpaint.masks[-1].min() == 255
-
-
-def test_browser_paints_a_mask_in_the_page_and_inpaints(browser, tiny_files, init_image, tmp_path):
-    with inpaint_ui(tiny_files, tmp_path / "out") as ui:
-        page = open_page(browser, ui.url)
-        page.get_by_role("tab", name="Inpaint").click()
-        page.locator("#inpaint-prompt textarea").fill("a red circle")
-        page.locator("#inpaint-editor input[type=file]").first.set_input_files(init_image)
-        canvas = page.locator("#inpaint-editor canvas").first
-        canvas.wait_for()
-        page.wait_for_timeout(1000)  # the image settles into the canvas
-        box = canvas.bounding_box()
-        page.mouse.move(box["x"] + 0.45 * box["width"], box["y"] + 0.45 * box["height"])
-        page.mouse.down()
-        page.mouse.move(box["x"] + 0.55 * box["width"], box["y"] + 0.55 * box["height"], steps=10)
-        page.mouse.up()
-        page.locator("#inpaint-generate").click()
-        page.locator("#inpaint-images img").first.wait_for()
-        page.close()
-    (mask,) = StandInInpaint.masks
+    monkeypatch.setattr(InpaintPipeline, "__init__", keeping_the_mask)
+    page = open_page(browser, inpaint_server.url)
+    page.locator("#inpaint-prompt textarea").fill("a red circle")
+    page.locator("#inpaint-editor input[type=file]").first.set_input_files(init_image)
+    canvas = page.locator("#inpaint-editor canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(1000)  # the image settles into the canvas
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 0.45 * box["width"], box["y"] + 0.45 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.55 * box["width"], box["y"] + 0.55 * box["height"], steps=10)
+    page.mouse.up()
+    page.locator("#inpaint-generate").click()
+    shown = page.locator("#inpaint-images img").first
+    shown.or_(page.get_by_text("the mask is empty")).first.wait_for()
+    assert shown.is_visible(), "the page saw no stroke: the mask is empty"
+    with Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body())) as result:
+        assert result.size == (SIZE, SIZE) and result.text["software"] == "ldm-sd2 inpaint"
+    page.close()
+    (mask,) = masks
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) == {0, 255}
     assert 0.0 < (mask > 0).mean() < 0.5  # the stroke, not the whole image
 
@@ -418,21 +414,21 @@ def test_bad_model_flags_are_one_error_line(tiny_files, capsys):
                        "--device", "cpu", "--disable_flash", "--disable_math"]) == 2
 
 
-def test_command_line_serves_on_localhost(tiny_files):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+@pytest.mark.slow
+def test_command_line_serves_on_localhost(tiny_files, tmp_path):
     port = free_port()
-    flags = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--device", "cpu", "--port", str(port)]
-    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "webui.py"), *flags], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flags = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--device", "cpu",
+             "--port", str(port), "--outdir", str(tmp_path / "out")]
+    log = tmp_path / "webui.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "webui.py"), *flags], env=child_env(),
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if "web UI on" in line:
-                break
-        assert f"http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        wait_for(lambda: "web UI on" in log.read_text(), timeout=120, alive=lambda: process.poll() is None,
+                 what="the server's address in its output")
+        assert f"http://127.0.0.1:{port}" in log.read_text(), log.read_text()
         gallery, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(prompt="a red circle", api_name="/txt2img", **FAST)
-        assert len(gallery) == 1
+        assert len(gallery) == 1 and (tmp_path / "out" / "samples" / Path(gallery[0]["image"]).name).is_file()
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -5,13 +5,12 @@ a prompt the syntax cannot read is a message."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import free_port, load_script, samples
 from ldm.generation import main
 from ldm.generation.model import Model
 from ldm.generation.options import model_settings_from_args
@@ -24,12 +23,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 webui = load_script("scripts/webui.py")
 FAST = {"steps": 2, "scale": 9.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +63,7 @@ def test_negative_prompt_gives_the_scripts_image_and_metadata(client, tiny_files
     model = ["--config", str(tiny_files["config"]), "--ckpt", str(tiny_files["safetensors"]), "--precision", "full"]
     assert main([*model, "--outdir", str(tmp_path), "--n_iter", "1", "--n_samples", "1", "--steps", "2", "--seed", "7",
                  "--prompt", prompt, "--negative_prompt", negative, "--embedding", str(embedding)], "txt2img") == 0
-    (expected,) = sorted((tmp_path / "samples").glob("*.png"))
+    (expected,) = samples(tmp_path)
     assert Path(gallery[0]["image"]).read_bytes() == expected.read_bytes()
     assert settings["negative_prompt"] == negative and settings["embeddings"] == "mystyle"
 

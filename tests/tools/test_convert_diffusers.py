@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, assert_computes_as, load_script, tiny_config
+from conftest import ROOT, assert_computes_as, child_env, load_script, tiny_config
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.diffusers_format import inspect_folder
 from ldm.loading import load_model_from_config
@@ -98,7 +98,8 @@ def test_an_incomplete_folder_writes_nothing(tiny_diffusers_folders, tmp_path, c
 
 
 def test_help_and_exit_status():
-    done = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=120)
     assert done.returncode == 0 and "diffusers folder" in done.stdout and "--overwrite" in done.stdout
-    done = subprocess.run([sys.executable, str(TOOL), "missing-folder", "x.safetensors"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(TOOL), "missing-folder", "x.safetensors"], capture_output=True, text=True, cwd=ROOT,
+                          env=child_env(), timeout=120)
     assert done.returncode == 1 and done.stderr == "error: missing-folder: no such file or folder\n"

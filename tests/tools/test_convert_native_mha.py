@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_script, rel_err, tiny_unclip_config, tiny_x4_config
+from conftest import ROOT, child_env, load_script, rel_err, tiny_unclip_config, tiny_x4_config
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.loading import load_model_from_config
 from ldm.native_mha import NATIVE, detect_layout
@@ -122,9 +122,9 @@ def test_command_line_entry_point(tiny_files, tmp_path):
     """The script runs as a program and exits non-zero on refusal."""
     out = tmp_path / "n.safetensors"
     run = [sys.executable, str(TOOL)]
-    done = subprocess.run(run + [str(tiny_files["safetensors"]), str(out)], capture_output=True, text=True)
+    done = subprocess.run(run + [str(tiny_files["safetensors"]), str(out)], capture_output=True, text=True, env=child_env(), timeout=120)
     assert done.returncode == 0, done.stderr
-    again = subprocess.run(run + [str(tiny_files["safetensors"]), str(out)], capture_output=True, text=True)
+    again = subprocess.run(run + [str(tiny_files["safetensors"]), str(out)], capture_output=True, text=True, env=child_env(), timeout=120)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
     assert detect_layout(load_state_dict(out)) == NATIVE
 

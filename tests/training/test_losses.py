@@ -3,6 +3,7 @@ batch (fixed noise and timesteps) falls clearly over a few dozen steps."""
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -77,6 +78,7 @@ def test_native_attention_layout_trains():
     assert all(not torch.equal(before[n], p) for n, p in unet.named_parameters() if n in before)
 
 
+@pytest.mark.slow
 def test_compiled_unet_trains():
     """torch.compile'd training (AOTAutograd graphs, forward and backward; the 'aot_eager'
     backend keeps the test fast, inductor only changes the kernels) takes optimizer steps."""

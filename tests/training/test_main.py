@@ -9,38 +9,21 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 import main
-from conftest import tiny_config
+from conftest import ROOT, save_yaml, tiny_config, vae_training_config
 from ldm.checkpoint import load_state_dict
 from ldm.loading import load_model_from_config
 from ldm.models.autoencoder import AutoencoderKL
 
-SIZE = 16  # the tiny autoencoder has f = 8: 2x2 latents, enough to run every layer
-
-
-def vae_config() -> dict:
-    return {
-        "seed": 1,
-        "model": {
-            "target": "ldm.training.autoencoder.AutoencoderTrainer",
-            "params": {"first_stage_config": tiny_config().model.params.first_stage_config, "learning_rate": 1e-3},
-        },
-        "data": {"target": "ldm.data.shapes.ShapesDataset", "params": {"num_samples": 8, "size": SIZE}, "batch_size": 4},
-        "lightning": {"checkpoint_every_n_steps": 2, "trainer": {"max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False}},
-    }
+DEMO_CONFIG = ROOT / "configs" / "demo" / "shapes-demo.yaml"  # an inference config
 
 
 def ldm_config(first_stage: str) -> dict:
-    config = vae_config()
+    config = vae_training_config()
     config["model"] = {
         "target": "ldm.training.diffusion.LatentDiffusionTrainer",
         "params": {"ldm_config": tiny_config().model, "first_stage_ckpt": first_stage, "ema_decay": 0.9},
     }
     return config
-
-
-def write(config: dict, path) -> str:
-    OmegaConf.save(OmegaConf.create(config), path)
-    return str(path)
 
 
 def step_of(ckpt) -> int:
@@ -50,7 +33,7 @@ def step_of(ckpt) -> int:
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
-    config = write(vae_config(), folder / "vae.yaml")
+    config = save_yaml(vae_training_config(), folder / "vae.yaml")
     assert main.main(["--base", config, "--logdir", str(folder / "run")]) == 0
     return {"config": config, "logdir": folder / "run"}
 
@@ -80,7 +63,7 @@ def test_resume_continues_from_the_last_checkpoint(vae_run, tmp_path):
 
 def test_diffusion_stage_trains_with_ema_and_exports_inference_weights(vae_run, tmp_path):
     first_stage = str(vae_run["logdir"] / "model.safetensors")
-    config = write(ldm_config(first_stage), tmp_path / "ldm.yaml")
+    config = save_yaml(ldm_config(first_stage), tmp_path / "ldm.yaml")
     logdir = tmp_path / "run"
     export = tmp_path / "demo.safetensors"
     assert main.main(["--base", config, "--logdir", str(logdir), "--export", str(export)]) == 0
@@ -116,31 +99,31 @@ def test_resume_without_a_checkpoint_is_refused(vae_run, tmp_path, capsys):
 def test_missing_or_wrong_config_is_refused(tmp_path, capsys):
     assert main.main(["--base", str(tmp_path / "nope.yaml")]) == 2
     assert "config not found" in capsys.readouterr().err
-    assert main.main(["--base", "configs/demo/shapes-demo.yaml", "--logdir", str(tmp_path / "x")]) == 2
+    assert main.main(["--base", str(DEMO_CONFIG), "--logdir", str(tmp_path / "x")]) == 2
     assert "not a training config" in capsys.readouterr().err
 
 
 def test_missing_data_folder_is_refused(tmp_path, capsys):
-    config = vae_config()
-    config["data"] = {"target": "ldm.data.folder.ImageCaptionFolder", "params": {"root": str(tmp_path / "nope"), "size": SIZE}}
-    assert main.main(["--base", write(config, tmp_path / "c.yaml"), "--logdir", str(tmp_path / "run")]) == 2
+    config = vae_training_config()
+    config["data"] = {"target": "ldm.data.folder.ImageCaptionFolder", "params": {"root": str(tmp_path / "nope"), "size": 16}}
+    assert main.main(["--base", save_yaml(config, tmp_path / "c.yaml"), "--logdir", str(tmp_path / "run")]) == 2
     assert "data folder not found" in capsys.readouterr().err
 
 
 def test_first_stage_checkpoint_of_another_autoencoder_is_refused(tmp_path, capsys):
-    other = AutoencoderKL(**OmegaConf.load("configs/demo/shapes-demo.yaml").model.params.first_stage_config.params)
+    other = AutoencoderKL(**OmegaConf.load(DEMO_CONFIG).model.params.first_stage_config.params)
     torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
-    config = write(ldm_config(str(tmp_path / "other.ckpt")), tmp_path / "ldm.yaml")
+    config = save_yaml(ldm_config(str(tmp_path / "other.ckpt")), tmp_path / "ldm.yaml")
     assert main.main(["--base", config, "--logdir", str(tmp_path / "run")]) == 2
     assert "does not fit the config's first_stage_config" in capsys.readouterr().err
 
 
 def test_wrong_data_or_model_parameters_are_refused(tmp_path, capsys):
-    config = vae_config()
+    config = vae_training_config()
     config["data"]["params"]["colours"] = ["purple"]
-    assert main.main(["--base", write(config, tmp_path / "c.yaml"), "--logdir", str(tmp_path / "run")]) == 2
+    assert main.main(["--base", save_yaml(config, tmp_path / "c.yaml"), "--logdir", str(tmp_path / "run")]) == 2
     assert "purple" in capsys.readouterr().err
-    config = vae_config()
+    config = vae_training_config()
     config["model"]["params"]["no_such_option"] = 1
-    assert main.main(["--base", write(config, tmp_path / "d.yaml"), "--logdir", str(tmp_path / "run2")]) == 2
+    assert main.main(["--base", save_yaml(config, tmp_path / "d.yaml"), "--logdir", str(tmp_path / "run2")]) == 2
     assert "no_such_option" in capsys.readouterr().err

@@ -4,15 +4,13 @@ tiny latent-diffusion stage, whose ranks end with identical weights and whose ex
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, child_env, save_yaml, tiny_config, vae_training_config
 from ldm.generation import main as generate
 from ldm.training import distributed
 
@@ -46,6 +44,7 @@ def test_flags_override_the_config():
     assert "num_nodes" in distributed.unsupported({"num_nodes": 0})
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_a_usable_export(tiny_files, tmp_path):
     config = {
         "seed": 1,
@@ -57,13 +56,12 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_a_usable_expor
         "data": {"target": "ldm.data.shapes.ShapesDataset", "params": {"num_samples": 16, "size": 64}, "batch_size": 4},
         "lightning": {"checkpoint_every_n_steps": 2, "trainer": {"max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False}},
     }
-    OmegaConf.save(OmegaConf.create(config), tmp_path / "ldm.yaml")
+    save_yaml(config, tmp_path / "ldm.yaml")
     (tmp_path / "train.py").write_text(DUMP_WEIGHTS)
     logdir = tmp_path / "run"
     cmd = [sys.executable, str(tmp_path / "train.py"), "--base", str(tmp_path / "ldm.yaml"), "--logdir", str(logdir),
            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--threads", "1"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(DUMP_DIR=str(tmp_path)), cwd=ROOT, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "Starting with 2 processes" in output and "the weights of the 2 ranks are identical" in output
@@ -86,9 +84,8 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_a_usable_expor
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_sharded_strategies_stop_before_training(tmp_path, capsys, strategy):
     import main
-    from test_main import vae_config, write
 
-    config = write(vae_config(), tmp_path / "vae.yaml")
+    config = save_yaml(vae_training_config(), tmp_path / "vae.yaml")
     assert main.main(["--base", config, "--logdir", str(tmp_path / "run"), "--strategy", strategy]) == 2
     assert f"strategy {strategy!r} is not supported" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()

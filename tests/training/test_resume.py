@@ -2,7 +2,7 @@
 after an epoch's last checkpoint) or stopped by SIGTERM, then started again with --resume, ends
 with exactly the weights, EMA and optimizer state of the uninterrupted run.
 
-Every run is a real process (forked from a forkserver that has imported torch and Lightning
+Every run is a real process (marked slow; forked from a forkserver that has imported torch and Lightning
 once, which saves some ten seconds a run) stopped by a real signal. Both sides of each comparison
 run the same code on the same CPU with one thread, so they agree bit for bit (torch.equal).
 """
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import main
-from conftest import tiny_config
+from conftest import save_yaml, tiny_config
 from ldm.checkpoint import load_state_dict
 from ldm.training.callbacks import AtomicCheckpoint
 from ldm.training.diffusion import LatentDiffusionTrainer
@@ -46,9 +45,7 @@ def write_config(folder: Path) -> str:
             "trainer": {"max_steps": STEPS, "log_every_n_steps": 1, "enable_progress_bar": False},
         },
     }
-    path = folder / "train.yaml"
-    OmegaConf.save(OmegaConf.create(config), path)
-    return str(path)
+    return save_yaml(config, folder / "train.yaml")
 
 
 def _pause(step: int, marker: str):
@@ -149,6 +146,7 @@ INTERRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(INTERRUPTIONS))
 def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(forkserver, uninterrupted, case):
     signum, hook, step, every, saved = INTERRUPTIONS[case]
@@ -167,10 +165,32 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(forkser
     assert_same_run(logdir, uninterrupted)
 
 
+CAPTIONS = [f"caption {i}" for i in range(40)]
+
+
+def started(module: LatentDiffusionTrainer, seed: int = 5) -> LatentDiffusionTrainer:
+    torch.manual_seed(seed)  # as Lightning's seed_everything: the run's seed
+    module.on_fit_start()
+    return module
+
+
+def test_the_caption_dropout_stream_continues_across_a_checkpoint():
+    run = started(LatentDiffusionTrainer(tiny_config().model, ucg_rate=0.5))
+    first = run.drop_captions(CAPTIONS)
+    assert 0 < first.count("") < len(CAPTIONS)  # some dropped, some kept
+    saved = {}
+    run.on_save_checkpoint(saved)
+    resumed = LatentDiffusionTrainer(tiny_config().model, ucg_rate=0.5)
+    resumed.on_load_checkpoint(saved)
+    started(resumed, seed=6)  # another seed: the checkpoint's stream wins
+    assert resumed.drop_captions(CAPTIONS) == run.drop_captions(CAPTIONS) != first
+
+
 def test_a_checkpoint_from_before_exact_resumption_still_resumes(caplog):
+    """Without the trainer state in the checkpoint, caption dropout starts over from the run's seed."""
     module = LatentDiffusionTrainer(tiny_config().model, ucg_rate=0.5)
     with caplog.at_level(logging.WARNING, logger="ldm.training.diffusion"):
         module.on_load_checkpoint({"state_dict": {}})  # no trainer state in it
     assert "predates exact resumption" in caplog.text
-    module.on_fit_start()
-    assert len(module.drop_captions(["a red circle", "a blue square"])) == 2
+    fresh = LatentDiffusionTrainer(tiny_config().model, ucg_rate=0.5)
+    assert started(module).drop_captions(CAPTIONS) == started(fresh).drop_captions(CAPTIONS)

@@ -243,6 +243,7 @@ def test_the_config_builds_the_real_sd21_controlnet_layout(sd2_keys):
     assert derived == config.model.params.control_stage_config.params  # the base model's own trunk
 
 
+@pytest.mark.slow
 def test_the_controlled_unet_compiles_to_one_graph(tiny_eps_model, nets, inputs):
     """The ControlNets, their window and weights and the UNet taking the residuals: one graph, no
     break (a host sync on the window would be one), as torch.compile sees a guided step."""

@@ -13,19 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import diffusers_unet_twin, randomize_, rel_err, tiny_config, tiny_unclip_config, tiny_x4_config
+from conftest import diffusers_unet_twin, randomize_, rel_err, tiny_config, tiny_unclip_config, tiny_x4_config, unet_inputs
 from ldm.loading import build_model
 
 RTOL = 1e-4
 
 
-def inputs(batch: int = 2, size: int = 8, context_dim: int = 48, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size, size, generator=gen)
-    # Integer timesteps (DDIM, PLMS) and the fractional ones DPM-Solver feeds the network.
-    t = torch.tensor([1.0, 999.0, 457.5, 0.25][:batch])
-    context = torch.randn(batch, 77, context_dim, generator=gen)
-    return x, t, context
+def inputs(batch: int = 2):
+    """Integer timesteps (DDIM, PLMS) and the fractional ones DPM-Solver feeds the network; 77 tokens."""
+    return unet_inputs(batch, tokens=77, seed=1, timesteps=(1.0, 999.0, 457.5, 0.25))
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
