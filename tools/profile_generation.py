@@ -12,9 +12,9 @@ under classifier-free guidance, then decoded.
 
 How each figure is obtained (see docs/benchmark.md, "Where the time goes"):
 
-* The three components are ``record_function`` ranges around the model's
-  ``get_learned_conditioning``, ``apply_model`` (every sampler step's UNet call) and
-  ``decode_first_stage``. On the CPU a component's seconds are the wall time spent inside its
+* The three components are ``record_function`` ranges around the prompt encoder's ``encode``
+  (``Model.prompts``, through which the pipelines reach the text encoder), the model's
+  ``apply_model`` (every sampler step's UNet call) and ``decode_first_stage``. On the CPU a component's seconds are the wall time spent inside its
   ranges; on CUDA they are the device time of the kernels launched inside them.
 * Attention: within the UNet ranges, the outermost ops whose names contain ``scaled_dot_product``,
   ``attention``, ``softmax`` or ``bmm`` (in this UNet only attention computes a softmax or a
@@ -53,7 +53,7 @@ from ldm.generation.run import cli_logging, seed_everything
 from ldm.generation.tasks import TASKS
 
 PROG = "profile_generation.py"
-RANGES = {"get_learned_conditioning": "text encoder", "apply_model": "UNet", "decode_first_stage": "VAE decode"}
+LABELS = ("text encoder", "UNet", "VAE decode")
 ATTENTION_PATTERNS = ("scaled_dot_product", "attention", "softmax", "bmm")
 HOST = "host overhead"
 OTHER_DEVICE = "other device work"
@@ -82,16 +82,18 @@ def _ranged(method: Callable, label: str) -> Callable:
 
 
 @contextlib.contextmanager
-def labelled(model: torch.nn.Module) -> Iterator[None]:
-    """Wrap the model's text-encoder, UNet and decoder entry points in profiler ranges (instance
-    attributes shadowing the methods, removed afterwards)."""
-    for attr, label in RANGES.items():
-        setattr(model, attr, _ranged(getattr(model, attr), label))
+def labelled(model: Model) -> Iterator[None]:
+    """Wrap the text-encoder, UNet and decoder entry points in profiler ranges (instance attributes
+    shadowing the methods, removed afterwards)."""
+    net = model.load()
+    entry_points = [(model.prompts, "encode"), (net, "apply_model"), (net, "decode_first_stage")]
+    for (owner, attr), label in zip(entry_points, LABELS):
+        setattr(owner, attr, _ranged(getattr(owner, attr), label))
     try:
         yield
     finally:
-        for attr in RANGES:
-            delattr(model, attr)
+        for owner, attr in entry_points:
+            delattr(owner, attr)
 
 
 def profile_generation(pipeline: Pipeline, prompts: list[str]) -> tuple[Any, float]:
@@ -99,7 +101,7 @@ def profile_generation(pipeline: Pipeline, prompts: list[str]) -> tuple[Any, flo
     model, seed = pipeline.model, pipeline.sampling.seed
     net, device = model.load(), model.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad(), model.backends(), net.ema_scope(), model.precision(), labelled(net):
+    with torch.no_grad(), model.backends(), net.ema_scope(), model.precision(), labelled(model):
         seed_everything(seed)
         pipeline.start()
         pipeline(prompts)
@@ -138,7 +140,7 @@ def summarize(events: Sequence[Any], wall: float, on_device: bool) -> dict[str, 
     rows: list[dict[str, Any]] = []
     attention: float | None = None
     unet = 0.0
-    for label in RANGES.values():
+    for label in LABELS:
         ranges = [e for e in cpu if e.name == label]
         host = sum(e.cpu_time_total for e in ranges) / 1e6
         seconds = sum(e.device_time_total for e in ranges) / 1e6 if on_device else host
@@ -149,7 +151,7 @@ def summarize(events: Sequence[Any], wall: float, on_device: bool) -> dict[str, 
             unet = seconds
     named = sum(r["seconds"] for r in rows)
     if on_device:
-        kernels = [e for e in events if e.device_type != DeviceType.CPU and e.name not in RANGES.values()]
+        kernels = [e for e in events if e.device_type != DeviceType.CPU and e.name not in LABELS]
         if kernels:
             busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
         else:  # no device events of their own in this PyTorch: the kernels attached to the ops
