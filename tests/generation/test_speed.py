@@ -155,7 +155,6 @@ def test_cache_folder(monkeypatch, tmp_path):
 def test_cache_folder_survives_torchs_import(tmp_path):
     """In a fresh process whose environment names no folder, importing torch._dynamo (as generation
     does before compiling) fills in PyTorch's /tmp default; --compile's folder is still ours."""
-    import os
     import subprocess
     import sys
 
