@@ -23,7 +23,7 @@ import gradio as gr
 from PIL import Image, ImageChops
 
 from ldm.generation.argtypes import int_at_least, positive
-from ldm.generation.control import PREPROCESSORS, ControlSettings
+from ldm.generation.control import NEEDS_MIDAS, PREPROCESSORS, ControlSettings, add_midas_arguments
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.images import to_uint8
 from ldm.generation.model import Model
@@ -253,7 +253,8 @@ class WebUI:
             with gr.Column():
                 with gr.Row():
                     net = gr.Dropdown(list(self.server.controlnets), value=next(iter(self.server.controlnets)), label="ControlNet")
-                    preprocess = gr.Dropdown(list(PREPROCESSORS), value="none", label="Make the hint from the image")
+                    offered = [p for p in PREPROCESSORS if p not in NEEDS_MIDAS or self.server.midas is not None]
+                    preprocess = gr.Dropdown(offered, value="none", label="Make the hint from the image")
                 hint = self.image_input("Control image (the hint)")
                 with gr.Row():
                     weight = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="Weight")
@@ -265,7 +266,8 @@ class WebUI:
                 controls += [gr.Slider(label="Height", **size), gr.Slider(label="Width", **size)]
             with gr.Column():
                 outputs = self.outputs("controlnet")
-                used = gr.Image(label="the hint the ControlNet read", type="pil", interactive=False, elem_id="controlnet-hint")
+                used = gr.Image(label="the hint the ControlNet read", type="pil", format="png", interactive=False,
+                                elem_id="controlnet-hint")  # PNG: the exact hint, not a lossy WebP of it
         inputs = [prompt, hint, net, *controls, weight, start, end, preprocess, guess, negative]
         button.click(self.controlnet, inputs, [*outputs, used], api_name="controlnet", **ONE_AT_A_TIME)
 
@@ -344,7 +346,7 @@ class WebUI:
             raise refuse(f"ControlNet {name}: not one this server offers ({', '.join(self.server.controlnets)})")
         try:
             control = ControlSettings(self.server.controlnets[name], Path(hint), float(weight), float(start), float(end),
-                                      preprocess, bool(guess_mode))
+                                      preprocess, bool(guess_mode), self.server.midas, self.server.midas_config)
         except UsageError as e:
             raise refuse(e) from None
         used: list[Image.Image] = []
@@ -400,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unCLIP-L only: Karlo's CLIP embedding statistics, ViT-L-14_stats.th (not part of the checkpoint)")
     p.add_argument("--controlnet_dir", type=str, default=None,
                    help="a folder of SD2.1 ControlNets (e.g. control_v11p_sd21_*.safetensors): adds a ControlNet tab offering them")
+    add_midas_arguments(p)
     return p
 
 
@@ -407,9 +410,12 @@ def build_app(args: argparse.Namespace) -> gr.Blocks:
     """Check the flags, load the model (once) and build the page with its bounded queue."""
     model = Model(model_settings_from_args(args))
     server = ModelServer(model, Path(args.outdir), watermark=not args.no_watermark, max_samples=args.max_samples,
-                         clip_stats=args.clip_stats, controlnet_dir=args.controlnet_dir)
+                         clip_stats=args.clip_stats, controlnet_dir=args.controlnet_dir, midas=args.midas,
+                         midas_config=args.midas_config)
     app = WebUI(server).build()
     model.load()
+    if server.midas is not None:  # a wrong --midas is refused now, not at the first depth request
+        model.depth_estimator(server.midas, server.midas_config)
     logger.info("serving %s with %s", ", ".join(server.tasks), model.files.config)
     # One request at a time per model; at most --queue_size wait.
     return app.queue(max_size=args.queue_size, default_concurrency_limit=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ from PIL import Image
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.images import open_image
 from ldm.modules.diffusionmodules.controlnet import Control
+from ldm.modules.midas.api import MiDaSInference, normalized_depth
 
 
 def canny(hint: torch.Tensor, low: float = 0.1, high: float = 0.2) -> torch.Tensor:
@@ -36,7 +38,28 @@ def scribble(hint: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return (grey < threshold).float().expand(-1, 3, -1, -1).contiguous()
 
 
-PREPROCESSORS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {"none": None, "canny": canny, "scribble": scribble}
+def midas_depth(hint: torch.Tensor, estimator: MiDaSInference) -> torch.Tensor:
+    """MiDaS's relative inverse depth of an RGB hint in [0, 1] (brighter: nearer; what the depth
+    ControlNets read): the depth model's MiDaS input and output, resized to the hint's size and
+    stretched per image to [0, 1], rounded to 8 bits as the annotators' depth images are."""
+    depth = estimator(estimator.prepare(hint * 2.0 - 1.0))
+    try:
+        depth = (normalized_depth(depth, tuple(hint.shape[-2:])) + 1.0) / 2.0
+    except ValueError as e:
+        raise GenerationError(f"--preprocess depth: {e}") from None
+    return (torch.round(depth * 255.0) / 255.0).expand(-1, 3, -1, -1).contiguous()
+
+
+Preprocessor = Callable[[torch.Tensor], torch.Tensor]
+# Each makes the preprocessor of a ControlNet's settings for a model (None: the hint as it is);
+# depth needs the MiDaS estimator of --midas, loaded once by the model.
+PREPROCESSORS: dict[str, Callable[[Any, ControlSettings], Preprocessor | None]] = {
+    "none": lambda model, settings: None,
+    "canny": lambda model, settings: canny,
+    "scribble": lambda model, settings: scribble,
+    "depth": lambda model, settings: partial(midas_depth, estimator=model.depth_estimator(settings.midas, settings.midas_config)),
+}
+NEEDS_MIDAS = ("depth",)
 
 
 @dataclass(frozen=True)
@@ -52,12 +75,17 @@ class ControlSettings:
     end: float = 1.0
     preprocess: str = "none"
     guess_mode: bool = False
+    midas: Path | None = None  # the depth preprocessor's MiDaS: the depth checkpoint, or MiDaS's own file
+    midas_config: Path | None = None  # the depth config giving its sizes (None: v2-midas-inference.yaml)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
             raise UsageError(f"--control {self.path}: start {self.start} and end {self.end} must satisfy 0 <= start < end <= 1")
         if self.preprocess not in PREPROCESSORS:
             raise UsageError(f"--preprocess {self.preprocess}: choose one of {', '.join(PREPROCESSORS)}")
+        if self.preprocess in NEEDS_MIDAS and self.midas is None:
+            raise UsageError(f"--preprocess {self.preprocess} estimates depth with MiDaS: give --midas, the SD2 depth checkpoint "
+                             "(512-depth-ema.ckpt) or dpt_hybrid-midas-501f0c75.pt")
 
 
 def parse_control(text: str) -> tuple[str, list[float]]:
@@ -82,9 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hint", action="append", default=[], metavar="IMAGE",
                        help="the control image of each --control, in the same order (one for all if given once)")
     group.add_argument("--preprocess", action="append", default=[], choices=list(PREPROCESSORS),
-                       help="make the hint from the image first: canny edges, or scribble (dark strokes); once for all or per --control (default: none)")
+                       help="make the hint from the image first: canny edges, scribble (dark strokes) or MiDaS depth (needs --midas); "
+                            "once for all or per --control (default: none)")
     group.add_argument("--guess_mode", action="store_true",
                        help="the ControlNets act on the conditional half only, shallow layers weighted down (the original's guess mode)")
+    add_midas_arguments(group)
+
+
+def add_midas_arguments(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--midas", type=Path, default=None, metavar="CKPT",
+                       help="the MiDaS of --preprocess depth: the SD2 depth checkpoint (512-depth-ema.ckpt; only its depth_model.* "
+                            "is read) or MiDaS's dpt_hybrid-midas-501f0c75.pt")
+    group.add_argument("--midas_config", type=Path, default=None, metavar="YAML",
+                       help="the depth config whose depth_stage_config sizes that MiDaS (default: configs/stable-diffusion/v2-midas-inference.yaml)")
 
 
 def one_per_control(values: list[str], count: int, flag: str, default: str | None = None) -> list[str]:
@@ -111,11 +149,12 @@ def controls_from_args(args: argparse.Namespace) -> list[ControlSettings]:
     for spec, hint, prep in zip(specs, hints, preprocess):
         path, numbers = parse_control(spec)
         weight, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers):])[:3]
-        controls.append(ControlSettings(Path(path), Path(hint), weight, start, end, prep, args.guess_mode))
+        controls.append(ControlSettings(Path(path), Path(hint), weight, start, end, prep, args.guess_mode,
+                                        args.midas, args.midas_config))
     return controls
 
 
-def load_hint(path: Path, size: tuple[int, int], preprocess: str) -> torch.Tensor:
+def load_hint(path: Path, size: tuple[int, int], prepare: Preprocessor | None = None) -> torch.Tensor:
     """The hint image as (1, 3, H, W) in [0, 1], resized to the output's size (Lanczos, as diffusers'
     pipeline stretches it; keep the aspect ratio yourself), then preprocessed."""
     image = open_image(path, "--hint", "RGB")
@@ -123,7 +162,6 @@ def load_hint(path: Path, size: tuple[int, int], preprocess: str) -> torch.Tenso
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     hint = torch.from_numpy(np.asarray(image).astype(np.float32).transpose(2, 0, 1)[None].copy()) / 255.0
-    prepare = PREPROCESSORS[preprocess]
     return hint if prepare is None else prepare(hint)
 
 
@@ -133,7 +171,7 @@ class Controller:
 
     def __init__(self, model: Any, settings: list[ControlSettings], size: tuple[int, int]):
         self.settings = settings
-        self.hints = [load_hint(s.hint, size, s.preprocess) for s in settings]
+        self.hints = [load_hint(s.hint, size, PREPROCESSORS[s.preprocess](model, s)) for s in settings]
         self.model = model
         self.num_timesteps = model.num_timesteps
 

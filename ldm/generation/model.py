@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SD2_CONFIG = Path("configs/stable-diffusion/v2-inference.yaml")
+MIDAS_CONFIG = Path("configs/stable-diffusion/v2-midas-inference.yaml")
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "shapes-demo.yaml"
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "demo" / "shapes-demo.safetensors"
 # What a config's ``sampling:`` section may set (see Model.sampling_defaults).
@@ -197,6 +198,7 @@ class Model:
         self._net: torch.nn.Module | None = None
         self._lora_merge = LoraMerge()
         self._controlnets: dict[Path, torch.nn.Module] = {}
+        self._depth_estimators: dict[tuple[Path, Path | None], torch.nn.Module] = {}
         self._prompts: PromptEncoder | None = None
         self._kept_text: dict[tuple[str, int, bool, torch.dtype], torch.Tensor] = {}
 
@@ -349,6 +351,25 @@ class Model:
                 compile_module(net, self.device, self.settings.compile_mode)
             self._controlnets[path] = net
         return self._controlnets[path]
+
+    def depth_estimator(self, path: Path, config: Path | None = None) -> torch.nn.Module:
+        """The MiDaS of ``path`` (the depth checkpoint or MiDaS's file) sized by the depth ``config``
+        (None: v2-midas-inference.yaml), loaded once, in float32 on this model's device."""
+        key = (Path(path), config)
+        if key not in self._depth_estimators:
+            from ldm.modules.midas.api import load_midas
+
+            _check_readable(key[0], "--midas")
+            config = config or REPO_ROOT / MIDAS_CONFIG
+            _check_readable(config, "--midas_config")
+            sizes = read_config(config).model.params.get("depth_stage_config", {}).get("params")
+            if sizes is None:
+                raise GenerationError(f"--midas_config {config}: not a depth config (needs model.params.depth_stage_config)")
+            try:
+                self._depth_estimators[key] = load_midas(key[0], sizes, self.device)
+            except CheckpointError as e:
+                raise GenerationError(f"--midas: {e}") from None
+        return self._depth_estimators[key]
 
     def _read_weights(self) -> torch.nn.Module:
         files, config, device = self.files, self.config, self.device

@@ -97,10 +97,14 @@ class ModelServer:
     scripts write them."""
 
     def __init__(self, model: Model, outdir: Path, watermark: bool = True, max_samples: int = 4,
-                 clip_stats: str | Path | None = None, controlnet_dir: str | Path | None = None):
+                 clip_stats: str | Path | None = None, controlnet_dir: str | Path | None = None,
+                 midas: str | Path | None = None, midas_config: str | Path | None = None):
         self.model = model
         self.clip_stats = clip_stats  # unCLIP-L's embedding statistics file, for the variations task
         self.controlnets = controlnet_files(controlnet_dir)
+        # The ControlNet tab's depth preprocessor: a MiDaS file and the depth config sizing it.
+        self.midas = None if midas is None else Path(midas)
+        self.midas_config = None if midas_config is None else Path(midas_config)
         self.tasks = served_tasks(model)
         if not self.tasks:
             known = FAMILY_TASKS.get(model.target)

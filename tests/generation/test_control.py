@@ -17,15 +17,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import CONFIGS, load_script, randomize_, sample_images, samples, tiny_config
+from conftest import CONFIGS, load_script, randomize_, sample_images, samples, tiny_config, tiny_family_config
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
-from ldm.generation.control import ControlSettings, canny, controls_from_args, parse_control, scribble
+from ldm.generation.control import ControlSettings, canny, controls_from_args, midas_depth, parse_control, scribble
 from ldm.generation.errors import UsageError
 from ldm.generation.run import seed_everything
 from ldm.loading import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.diffusionmodules.controlnet import Control, ControlNet, controlnet_params
+from ldm.modules.midas.api import midas_transform
 
 SIZE = ["--H", "64", "--W", "64"]
 FAST = ["--steps", "4", "--n_samples", "1", "--n_iter", "1", "--precision", "full", "--seed", "3",
@@ -65,7 +66,8 @@ def test_parse_control_keeps_paths_with_colons():
 
 
 def args(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"control": [], "hint": [], "preprocess": [], "guess_mode": False, **kw})
+    return argparse.Namespace(**{"control": [], "hint": [], "preprocess": [], "guess_mode": False, "midas": None,
+                                 "midas_config": None, **kw})
 
 
 def test_controls_from_args_pair_files_hints_and_preprocessing():
@@ -74,7 +76,8 @@ def test_controls_from_args_pair_files_hints_and_preprocessing():
                    ControlSettings(Path("b.pt"), Path("h.png"), 1.0, 0.2, 0.9, "none")]
     for bad, message in [(args(hint=["h.png"]), "needs a --control"), (args(control=["a.pt"]), "needs a --hint"),
                          (args(control=["a.pt", "b.pt", "c.pt"], hint=["1.png", "2.png"]), "given 2 times for 3"),
-                         (args(control=["a.pt:1:0.8:0.2"], hint=["h.png"]), "start 0.8 and end 0.2")]:
+                         (args(control=["a.pt:1:0.8:0.2"], hint=["h.png"]), "start 0.8 and end 0.2"),
+                         (args(control=["a.pt"], hint=["h.png"], preprocess=["depth"]), "estimates depth with MiDaS: give --midas")]:
         with pytest.raises(UsageError, match=message):
             controls_from_args(bad)
 
@@ -89,6 +92,51 @@ def test_scribble_and_canny_hints():
     assert edges.shape == (1, 3, 32, 32) and len(ys) > 0 and set(edges.unique().tolist()) <= {0.0, 1.0}
     assert ys.min() >= 6 and ys.max() <= 25 and xs.min() >= 6 and xs.max() <= 25  # on the square's border only
     assert not edges[0, 0, 12:20, 12:20].any()
+
+
+@pytest.fixture(scope="module")
+def midas_files(tiny_depth_model, tmp_path_factory) -> dict[str, Path]:
+    """The tiny depth model's checkpoint and config: what --midas and --midas_config read."""
+    root = tmp_path_factory.mktemp("midas")
+    save_state_dict(tiny_depth_model.state_dict(), root / "depth.safetensors")
+    OmegaConf.save(tiny_family_config("depth"), root / "depth.yaml")
+    return {"midas": root / "depth.safetensors", "midas_config": root / "depth.yaml"}
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 40)])
+def test_depth_hint_is_midas_relative_depth(tiny_depth_model, transformers_dpt, size):
+    """midas_depth: transformers' DPT (the same weights) on the depth model's MiDaS input, resized to
+    the hint, stretched to [0, 1] and rounded to 8 bits; equal but for rounding flips (one level)."""
+    hint = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(5))
+    got = midas_depth(hint, tiny_depth_model.depth_model)
+    with torch.no_grad():
+        x = midas_transform(hint, tiny_depth_model.depth_model.model.image_size)
+        depth = transformers_dpt(pixel_values=x).predicted_depth.unsqueeze(1)
+    depth = torch.nn.functional.interpolate(depth, size=size, mode="bicubic", align_corners=False)
+    expected = torch.round(255 * (depth - depth.min()) / (depth.max() - depth.min())) / 255
+    assert got.shape == (1, 3, *size) and torch.equal(got[:, 0], got[:, 2])
+    assert (got[:, :1] - expected).abs().max() <= 1 / 255 + 1e-6
+    assert (got[:, :1] != expected).float().mean() < 0.01
+    assert got.min() == 0.0 and got.max() == 1.0
+
+
+def test_preprocess_depth_reads_midas_from_the_depth_checkpoint(files, midas_files, tmp_path):
+    """--preprocess depth --midas DEPTH_CKPT: the image is that of the same ControlNet reading the
+    depth hint given ready-made (the preprocessed hint is 8-bit, so a PNG of it is the same hint)."""
+    from ldm.generation.model import Model
+    from ldm.generation.settings import ModelSettings
+
+    midas = Model(ModelSettings(config=files["config"], ckpt=files["safetensors"], device="cpu")).depth_estimator(
+        midas_files["midas"], midas_files["midas_config"])
+    depth = midas_depth(expected_hint(files), midas)
+    Image.fromarray((255 * depth[0].numpy().transpose(1, 2, 0)).round().astype(np.uint8)).save(tmp_path / "depth.png")
+    flags = ["--prompt", "a box", "--control", str(files["control"])]
+    got = run(files, "txt2img", tmp_path / "pre", *flags, "--hint", str(files["hint"]), "--preprocess", "depth",
+              "--midas", str(midas_files["midas"]), "--midas_config", str(midas_files["midas_config"]))
+    with Image.open(samples(tmp_path / "pre")[0]) as png:
+        assert png.text["controlnet"].endswith("hint hint.png (depth)")
+    ready = run(files, "txt2img", tmp_path / "ready", *flags, "--hint", str(tmp_path / "depth.png"))
+    assert np.abs(got[0].astype(int) - ready[0].astype(int)).max() <= 1
 
 
 def test_txt2img_with_a_controlnet_is_the_controlled_sampler(files, tmp_path):
@@ -144,7 +192,7 @@ def test_controlnet_script_picks_the_task_by_init_img(files, tmp_path, monkeypat
     assert calls == ["txt2img", "img2img"]
 
 
-@pytest.mark.parametrize("case", ["sd15", "not an image", "missing file", "upscale"])
+@pytest.mark.parametrize("case", ["sd15", "not an image", "missing file", "upscale", "no midas in --midas"])
 def test_bad_controls_are_explained(files, tmp_path, capsys, case):
     flags = ["--control", str(files["control"]), "--hint", str(files["hint"])]
     task = "txt2img"
@@ -159,6 +207,9 @@ def test_bad_controls_are_explained(files, tmp_path, capsys, case):
         flags[3], message = str(tmp_path / "hint.png"), "--hint .* cannot be read as an image"
     elif case == "missing file":
         flags[1], message = str(tmp_path / "none.safetensors"), "--control .*none.safetensors"
+    elif case == "no midas in --midas":
+        flags += ["--preprocess", "depth", "--midas", str(files["safetensors"])]
+        message = "--midas: .*tiny.safetensors: it holds no MiDaS depth model"
     else:
         task, message = "upscale", "unrecognized arguments: --control"
         flags += ["--image", str(files["init"])]

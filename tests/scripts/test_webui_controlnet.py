@@ -1,7 +1,7 @@
 """The web UI's ControlNet tab (--controlnet_dir) on the tiny model, through gradio_client: the
 /controlnet endpoint gives the very image the script gives with --control and --hint for the same
-seed, and the hint as the ControlNet read it (preprocessed, at the image size); a ControlNet the
-server does not offer is a message (the dropdown's own check)."""
+seed, and the hint as the ControlNet read it (preprocessed, at the image size: scribble, and MiDaS
+depth from --midas); a ControlNet the server does not offer is a message (the dropdown's own check)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import free_port, load_script, pixels, randomize_, samples, tiny_config
+from conftest import free_port, load_script, pixels, randomize_, samples, tiny_config, tiny_family_config
 from ldm.checkpoint import save_state_dict
 from ldm.generation import main
 from ldm.modules.diffusionmodules.controlnet import ControlNet, controlnet_params
@@ -26,8 +26,10 @@ webui = load_script("scripts/webui.py")
 
 
 @pytest.fixture(scope="module")
-def files(tiny_files, tmp_path_factory) -> dict[str, Path]:
+def files(tiny_files, tiny_depth_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("webui-controlnet")
+    save_state_dict(tiny_depth_model.state_dict(), root / "depth.safetensors")  # the MiDaS of --preprocess depth
+    OmegaConf.save(tiny_family_config("depth"), root / "depth.yaml")
     (root / "controlnets").mkdir()
     params = OmegaConf.to_container(tiny_config().model.params.unet_config.params)
     net = randomize_(ControlNet(**controlnet_params(params)), 8)
@@ -35,14 +37,16 @@ def files(tiny_files, tmp_path_factory) -> dict[str, Path]:
     image = np.full((64, 64, 3), 255, np.uint8)
     image[16:48, 16:48] = 0
     Image.fromarray(image).save(root / "hint.png")
-    return {**tiny_files, "dir": root / "controlnets", "hint": root / "hint.png", "out": root / "out"}
+    return {**tiny_files, "dir": root / "controlnets", "hint": root / "hint.png", "out": root / "out",
+            "midas": root / "depth.safetensors", "midas_config": root / "depth.yaml"}
 
 
 @pytest.fixture(scope="module")
 def client(files):
     model = ["--config", str(files["config"]), "--ckpt", str(files["safetensors"]), "--device", "cpu", "--precision", "full"]
     args = webui.build_parser().parse_args([*model, "--port", str(free_port()), "--outdir", str(files["out"]),
-                                            "--controlnet_dir", str(files["dir"])])
+                                            "--controlnet_dir", str(files["dir"]), "--midas", str(files["midas"]),
+                                            "--midas_config", str(files["midas_config"])])
     app = webui.build_app(args)
     webui.launch(app, args)
     try:
@@ -73,3 +77,17 @@ def test_a_controlnet_the_server_does_not_offer_is_a_message(client, files):
                        api_name="/controlnet")
     gallery, _, _ = client.predict(prompt="a box", hint=handle_file(str(files["hint"])), steps=2, api_name="/controlnet")
     assert len(gallery) == 1
+
+
+def test_the_depth_preprocessor_shows_midas_depth(client, files, tiny_depth_model):
+    """With --midas the tab offers "depth": the hint shown is MiDaS's depth of the image (8-bit, as computed)."""
+    import torch
+
+    from ldm.generation.control import midas_depth
+
+    _, settings, hint = client.predict(prompt="a box", hint=handle_file(str(files["hint"])), steps=2, preprocess="depth",
+                                       api_name="/controlnet")
+    image = torch.from_numpy(pixels(files["hint"]).transpose(2, 0, 1)[None].astype(np.float32) / 255)
+    expected = (255 * midas_depth(image, tiny_depth_model.depth_model)[0, 0]).round().numpy().astype(np.uint8)
+    assert settings["controlnet"].endswith("(depth)")
+    assert np.abs(np.asarray(Image.open(hint).convert("L")).astype(int) - expected).max() <= 1

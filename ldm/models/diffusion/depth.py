@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ldm.models.diffusion.finetune import LatentFinetuneDiffusion
+from ldm.modules.midas.api import normalized_depth
 from ldm.util import instantiate_from_config
 
 
@@ -40,22 +40,10 @@ class LatentDepth2ImageDiffusion(LatentFinetuneDiffusion):
             depth = self.depth_model(self.depth_model.prepare(image))
         elif depth.ndim == 3:
             depth = depth.unsqueeze(1)
-        return self.normalized_depth(depth, size)
-
-    @staticmethod
-    def normalized_depth(depth: torch.Tensor, size: tuple[int, int], epsilon: float = 0.0) -> torch.Tensor:
-        """``depth`` (B, 1, h, w) resized bicubically to ``size`` and mapped per sample to [-1, 1]
-        by its minimum and maximum, in float32. The demos divide by the range (a constant map is an
-        error), the original's training batches by the range + ``epsilon`` (0.001)."""
-        depth = F.interpolate(depth.float(), size=tuple(size), mode="bicubic", align_corners=False)
-        low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
-        high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
-        if epsilon == 0.0 and bool((high == low).any()):
-            raise ValueError("the depth map is constant: it cannot be normalised to [-1, 1] (nothing to condition on)")
-        return 2.0 * (depth - low) / (high - low + epsilon) - 1.0
+        return normalized_depth(depth, size)
 
     def batch_conditioning(self, batch: Mapping[str, Any], z: torch.Tensor, bs: int | None) -> dict[str, Any]:
         """The depth of the batch's MiDaS input (``midas_in``: (B, 3, h, w), see
         :class:`ldm.data.util.AddMiDaS`), normalised as the original's training code does."""
         depth = self.depth_model(batch[self.depth_stage_key][:bs].to(self.device))
-        return {"c_concat": [self.normalized_depth(depth, z.shape[2:], epsilon=0.001)]}
+        return {"c_concat": [normalized_depth(depth, z.shape[2:], epsilon=0.001)]}

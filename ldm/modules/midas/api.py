@@ -2,18 +2,21 @@
 configs/stable-diffusion/v2-midas-inference.yaml), with the original's input transform.
 
 Unlike the original, which read ``midas_models/dpt_hybrid-midas-501f0c75.pt`` when constructed,
-nothing is read here: the weights are the ``depth_model.*`` tensors of the SD2 depth checkpoint.
+nothing is read here: the weights are the ``depth_model.*`` tensors of the SD2 depth checkpoint
+(or, for the ControlNet depth preprocessor, either file: :func:`load_midas`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ldm.modules.midas.dpt import DPTDepthModel
 
 # MiDaS sizes its input to a multiple of this (the backbone's stride 16, and the 1/32 DPT level).
@@ -89,3 +92,50 @@ class MiDaSInference(nn.Module):
         if prediction.shape[-2:] != x.shape[-2:]:
             prediction = F.interpolate(prediction, size=x.shape[-2:], mode="bicubic", align_corners=False)
         return prediction
+
+
+def normalized_depth(depth: torch.Tensor, size: tuple[int, int], epsilon: float = 0.0) -> torch.Tensor:
+    """``depth`` (B, 1, h, w) resized bicubically to ``size`` and mapped per sample to [-1, 1] by its
+    minimum and maximum, in float32. The demos divide by the range (a constant map is an error),
+    the original's training batches by the range + ``epsilon`` (0.001)."""
+    depth = F.interpolate(depth.float(), size=tuple(size), mode="bicubic", align_corners=False)
+    low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
+    high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
+    if epsilon == 0.0 and bool((high == low).any()):
+        raise ValueError("the depth map is constant: it cannot be normalised to [-1, 1] (nothing to condition on)")
+    return 2.0 * (depth - low) / (high - low + epsilon) - 1.0
+
+
+# Where the MiDaS tensors sit in the depth model's checkpoint (512-depth-ema); MiDaS's own file
+# (dpt_hybrid-midas-501f0c75.pt, the ControlNet annotators') holds them without a prefix.
+DEPTH_MODEL_PREFIX = "depth_model.model."
+
+
+def load_midas(path: str | os.PathLike, sizes: Mapping[str, Any] | None = None,
+               device: torch.device | str = "cpu") -> MiDaSInference:
+    """The MiDaS estimator of the SD2 depth checkpoint in ``path`` (its ``depth_model.*``; the rest
+    is not used) or of MiDaS's own DPT-Hybrid file, strictly, in float32. ``sizes`` are the
+    ``depth_stage_config`` params of the depth config (None: DPT-Hybrid's)."""
+    try:
+        net = midas_from_state(load_state_dict(path), sizes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def midas_from_state(state: Mapping[str, torch.Tensor], sizes: Mapping[str, Any] | None = None) -> MiDaSInference:
+    """A MiDaS estimator holding ``state``'s tensors (as they are: no copy, meta ones included);
+    see :func:`load_midas`."""
+    if any(k.startswith(DEPTH_MODEL_PREFIX) for k in state):
+        state = {k[len(DEPTH_MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(DEPTH_MODEL_PREFIX)}
+    elif not any(k.startswith("scratch.") for k in state):
+        raise CheckpointError("it holds no MiDaS depth model: give the SD2 depth checkpoint (512-depth-ema), "
+                              "whose depth_model.* it is, or MiDaS's dpt_hybrid-midas-501f0c75.pt")
+    params = {k: v for k, v in (sizes or {}).items() if k != "model_type"}
+    with torch.device("meta"):
+        net = MiDaSInference(**params)
+    try:
+        apply_state_dict(net.model, state, assign=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"its MiDaS does not fit DPT-Hybrid of these sizes (the depth config's depth_stage_config): {e}") from None
+    return net

@@ -1,5 +1,6 @@
 """MiDaSInference (ldm/modules/midas/api.py): the original demo's input transform, the depth
-output, and construction without files.
+output, construction without files, and load_midas (the ControlNet depth preprocessor's estimator)
+from either file that holds it, strictly, including the real depth checkpoint's layout.
 
 The transform is checked piecewise against its published definitions: the sizes against the
 original ``Resize(384, 384, keep_aspect_ratio=True, ensure_multiple_of=32, resize_method="minimal")``
@@ -20,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, rel_err
+from conftest import CONFIGS, family_keys, rel_err, tiny_family_config
+from ldm.checkpoint import CheckpointError, save_state_dict
 from ldm.loading import build_model
-from ldm.modules.midas.api import MiDaSInference, midas_input_size
+from ldm.modules.midas.api import MiDaSInference, load_midas, midas_from_state, midas_input_size
 
 
 @pytest.mark.parametrize(
@@ -111,3 +113,41 @@ def test_construction_reads_no_file(monkeypatch):
 def test_other_midas_types_are_refused():
     with pytest.raises(ValueError, match="dpt_hybrid"):
         MiDaSInference("dpt_large")
+
+
+# -- load_midas: the depth preprocessor's estimator, read from either file that holds it
+
+
+def test_load_midas_reads_the_depth_checkpoint_or_midas_own_file(tiny_depth_model, tmp_path):
+    """The depth checkpoint (its depth_model.*, the UNet and the rest ignored) and MiDaS's own file
+    (no prefix) give the same network, equal to the depth model's, in float32."""
+
+    sizes = tiny_family_config("depth").model.params.depth_stage_config.params
+    whole = tiny_depth_model.state_dict()
+    save_state_dict({k: v.half() for k, v in whole.items()}, tmp_path / "depth.safetensors")
+    save_state_dict(tiny_depth_model.depth_model.model.state_dict(), tmp_path / "dpt_hybrid.pt")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    expected = tiny_depth_model.depth_model(x)
+    for name, tolerance in [("depth.safetensors", 1e-2), ("dpt_hybrid.pt", 0.0)]:
+        net = load_midas(tmp_path / name, sizes)
+        assert next(net.parameters()).dtype == torch.float32
+        assert rel_err(net(x), expected) <= tolerance  # half-precision weights: 1e-2
+
+
+def test_load_midas_fits_the_real_depth_checkpoint():
+    """Every depth_model.* tensor of the real 512-depth-ema layout, and nothing else, fills the default DPT-Hybrid."""
+
+    state = {k: torch.empty(shape, device="meta") for k, shape in family_keys("depth").items()}
+    net = midas_from_state(state)
+    midas = {k for k in state if k.startswith("depth_model.model.")}
+    assert len(midas) == len(net.model.state_dict()) == 368
+
+
+def test_load_midas_explains_a_wrong_file(tiny_depth_model, tmp_path):
+
+    save_state_dict({"model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "base.safetensors")
+    with pytest.raises(CheckpointError, match="base.safetensors: it holds no MiDaS depth model: give the SD2 depth checkpoint"):
+        load_midas(tmp_path / "base.safetensors")
+    save_state_dict(tiny_depth_model.state_dict(), tmp_path / "tiny-depth.safetensors")
+    with pytest.raises(CheckpointError, match="does not fit DPT-Hybrid of these sizes .*depth_stage_config"):
+        load_midas(tmp_path / "tiny-depth.safetensors")  # the full-size DPT-Hybrid
