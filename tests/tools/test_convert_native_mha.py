@@ -1,5 +1,6 @@
 """tools/convert_native_mha.py: both directions, both formats, exact round trips, and the
 refusals (existing output, input already converted, truncated input) that leave nothing behind.
+ControlNet files convert the same way.
 The x4 upscaler's and unCLIP's checkpoints convert for their *_native_mha.yaml twins, whose
 outputs then equal the original layout's to float32 rounding (1e-5 relative, as
 tests/test_native_mha.py explains; observed 0: both run the same SDPA kernel here)."""
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import ROOT, child_env, load_script, rel_err, tiny_unclip_config, tiny_x4_config
+from conftest import ROOT, child_env, load_script, randomize_, rel_err, tiny_config, tiny_unclip_config, tiny_x4_config
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.loading import load_model_from_config
+from ldm.modules.diffusionmodules.controlnet import ControlNet, controlnet_params, load_controlnet
 from ldm.native_mha import NATIVE, detect_layout
 
 TOOL = ROOT / "tools" / "convert_native_mha.py"
@@ -148,3 +151,22 @@ def test_family_checkpoints_convert_for_their_native_twins(family, tmp_path, cap
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([3, 700])
     with torch.no_grad():
         assert rel_err(native.apply_model(x, t, cond), model.apply_model(x, t, cond)) <= 1e-5
+
+
+def test_a_controlnet_file_converts_and_loads_into_a_native_controlnet(tmp_path, capsys):
+    """A ControlNet (control_model.* keys) converts as the UNet does: the native file fills a
+    native-MHA ControlNet strictly, with the same residuals, and --reverse gives the file back."""
+    params = OmegaConf.to_container(tiny_config().model.params.unet_config.params)
+    net = randomize_(ControlNet(**controlnet_params(params)), 7).eval()
+    state = {f"control_model.{k}": v for k, v in net.state_dict().items()}
+    save_state_dict(state, tmp_path / "control.safetensors")
+    assert tool.main([str(tmp_path / "control.safetensors"), str(tmp_path / "native.safetensors")]) == 0
+    assert tool.main(["--reverse", str(tmp_path / "native.safetensors"), str(tmp_path / "back.safetensors")]) == 0
+    assert detect_layout(load_state_dict(tmp_path / "native.safetensors")) == NATIVE
+    assert_same_tensors(load_state_dict(tmp_path / "back.safetensors"), state)
+    native = load_controlnet(tmp_path / "native.safetensors", {**params, "use_native_mha": True})
+    g = torch.Generator().manual_seed(0)
+    x, hint, c = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g), torch.randn(1, 77, 48, generator=g)
+    with torch.no_grad():
+        for got, expected in zip(native(x, hint, torch.tensor([500]), c), net(x, hint, torch.tensor([500]), c)):
+            assert rel_err(got, expected) <= 1e-5
