@@ -23,6 +23,7 @@ from ldm.generation.speed import compile_model, compile_module, hold_weights, re
 from ldm.loading import build_model, load_config, load_model_from_config
 from ldm.lora import LoraMerge, lora_names, merge_loras, prompt_loras
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
+from ldm.modules.diffusionmodules.deepcache import StepCache, install as install_step_cache
 from ldm.modules.encoders.embeddings import Embedding, EmbeddingError, load_embeddings
 from ldm.modules.encoders.prompts import PROMPT_SYNTAXES, PromptEncoder
 
@@ -199,6 +200,7 @@ class Model:
         self._lora_merge = LoraMerge()
         self._controlnets: dict[Path, torch.nn.Module] = {}
         self._depth_estimators: dict[tuple[Path, Path | None], torch.nn.Module] = {}
+        self._step_cache: StepCache | None = None
         self._prompts: PromptEncoder | None = None
         self._kept_text: dict[tuple[str, int, bool, torch.dtype], torch.Tensor] = {}
 
@@ -250,10 +252,23 @@ class Model:
             # Autocast computes them in bf16 anyway: no cast per call. Only the UNet's: it computes in its
             # weights' dtype even outside autocast, where the text encoder and VAE would fail.
             hold_weights(net.model.diffusion_model, torch.bfloat16)
+        if settings.cache_interval > 1:
+            try:
+                self._step_cache = install_step_cache(net.model.diffusion_model, settings.cache_interval, settings.cache_depth)
+            except ValueError as e:
+                raise UsageError(f"--cache_interval/--cache_depth: {e}") from None
+            logger.info("step caching: the whole UNet every %d calls, its shallow path (depth %d) between",
+                        settings.cache_interval, settings.cache_depth)
         if settings.compile:
-            compile_model(net, self.device, settings.compile_mode)
+            compile_model(net, self.device, settings.compile_mode, self._step_cache)
         self._net = net
         return net
+
+    @property
+    def step_cache(self) -> contextlib.AbstractContextManager:
+        """What each sampling run is wrapped in: the UNet's step cache (``--cache_interval``; entering
+        starts a run afresh), or nothing."""
+        return self._step_cache if self._step_cache is not None else contextlib.nullcontext()
 
     def use_prompt_loras(self, prompts: list[str]) -> list[str]:
         """Merge the LoRAs of ``--lora`` and of the prompts' ``<lora:NAME:WEIGHT>`` tags (files of
@@ -277,7 +292,7 @@ class Model:
                 raise GenerationError(f"LoRA: {e}") from None
             self._kept_text.clear()  # a LoRA of the text encoder changes the kept negative prompts' encodings
             if self.settings.compile and self.device.type == "cpu":  # frozen weights: compiled anew (or found on disk)
-                compile_model(net, self.device, self.settings.compile_mode)
+                compile_model(net, self.device, self.settings.compile_mode, self._step_cache)
         return cleaned
 
     def _lora_file(self, name: str) -> Path:

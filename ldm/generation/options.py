@@ -170,6 +170,12 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                             "kept in TORCHINDUCTOR_CACHE_DIR (default ~/.cache/ldm-sd2/torchinductor) for later runs")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
+    bench.add_argument("--cache_interval", type=positive, default=1, metavar="N",
+                       help="step caching (DeepCache): only every N-th UNet call runs the whole UNet, the others its shallow "
+                            "blocks on the kept deep features; faster, at a cost to the image (docs/benchmark.md). 1: off (default)")
+    bench.add_argument("--cache_depth", type=int, default=1, metavar="D",
+                       help="with --cache_interval: the shallow path's depth, input blocks 0..D and the last D+1 output blocks "
+                            "(larger: closer to the full UNet, slower) (default: %(default)s, DeepCache's default branch)")
     p.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:WEIGHT]",
                    help="merge this LoRA (kohya or diffusers/peft format) into the weights, at WEIGHT (default 1); "
                         "repeat for several (see docs/adapters.md)")
@@ -199,7 +205,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
-        compile_mode=args.compile_mode, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
+        compile_mode=args.compile_mode, cache_interval=args.cache_interval, cache_depth=args.cache_depth, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
         prompt_syntax=args.prompt_syntax, embeddings=tuple(args.embeddings), embeddings_dir=args.embeddings_dir,
     )
 

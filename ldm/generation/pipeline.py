@@ -251,7 +251,8 @@ class Pipeline:
         c, uc = self.conditioning(prompts)
         if self.controller is not None:
             c, uc = self.controller.add_to(c, uc, len(prompts))
-        z = self.sample(c, uc, len(prompts), watch)
+        with self.model.step_cache:
+            z = self.sample(c, uc, len(prompts), watch)
         images = self.decode(z)
         finite = torch.isfinite(z).all() & torch.isfinite(images).all()  # one host sync per batch
         if not finite:

@@ -25,6 +25,8 @@ class ModelSettings:
     ``config``/``ckpt`` both None: the embedded demo model; ``ckpt`` may be a diffusers folder, and
     then names its config when ``config`` is None. ``precision``: "full" (float32),
     "autocast" (the original's: fp16 on CUDA, bf16 on the CPU) or "bf16" (autocast to bfloat16).
+    ``cache_interval``/``cache_depth``: step caching (DeepCache, ldm.modules.diffusionmodules.deepcache;
+    an interval of 1 is none).
     ``taesd``: decode with TAESD's decoder from this file instead of the VAE (approximate, fast).
     ``loras``: (file, weight) pairs merged into the weights at load; ``lora_dir``: the folder that
     prompts' ``<lora:NAME:WEIGHT>`` tags name files of.
@@ -44,6 +46,8 @@ class ModelSettings:
     disable_math: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    cache_interval: int = 1
+    cache_depth: int = 1
     taesd: Path | None = None
     loras: tuple[tuple[Path, float], ...] = ()
     lora_dir: Path | None = None
@@ -68,6 +72,10 @@ class ModelSettings:
         self.embeddings_dir = Path(self.embeddings_dir) if self.embeddings_dir is not None else None
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.cache_interval < 1:
+            raise UsageError(f"--cache_interval {self.cache_interval}: at least 1 (1: every UNet call is a full one)")
+        if self.cache_depth < 0:
+            raise UsageError(f"--cache_depth {self.cache_depth}: at least 0")
         if self.prompt_syntax not in PROMPT_SYNTAXES:
             raise UsageError(f"prompt syntax {self.prompt_syntax!r}: choose one of {', '.join(PROMPT_SYNTAXES)}")
 

@@ -297,24 +297,45 @@ class UNetModel(nn.Module):
 
         ``control``: residuals from ControlNets, one per skip connection and one for the middle
         block (the last), added where the original's ``ControlledUnetModel`` adds them."""
+        return self.run(x, timesteps, context, y, control)[0]
+
+    def run(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None, y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None, depth: int | None = None, deep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`, and for step caching (DeepCache, :mod:`ldm.modules.diffusionmodules.deepcache`)
+        the deep features: with ``depth`` d, also returns the features entering output block
+        ``-(d + 1)``; given those as ``deep``, runs only the shallow path, input blocks ``0..d`` and
+        the last ``d + 1`` output blocks, on the skip connections of that depth."""
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control holds {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1}")
+        shallow = deep is not None
+        if shallow and depth is None:
+            raise ValueError("deep features need the depth they were kept at")
         emb = self.embed_time(x, timesteps, y)
         dtype = emb.dtype
         h = x.to(dtype)
         if context is not None:
             context = context.to(dtype)
+        kept_at = None if depth is None else len(self.output_blocks) - depth - 1
         skips = []
-        for module in self.input_blocks:
+        for module in self.input_blocks[: depth + 1] if shallow else self.input_blocks:
             h = module(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
         if control is not None:
-            if len(control) != len(skips) + 1:
-                raise ValueError(f"control holds {len(control)} residuals; this UNet takes {len(skips) + 1}")
             skips = [skip + residual for skip, residual in zip(skips, control)]
-            h = h + control[-1]
-        for module in self.output_blocks:
+        if shallow:
+            h, first = deep, kept_at
+        else:
+            h, first = self.middle_block(h, emb, context), 0
+            if control is not None:
+                h = h + control[-1]
+        kept = None
+        for i, module in enumerate(self.output_blocks[first:], first):
+            if i == kept_at:
+                kept = h
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype), kept
 
 
 def _is_int(value) -> bool:
