@@ -87,6 +87,11 @@ CONFIGURATIONS = (
     Configuration("cpu_compile_full", "CPU: --compile, float32", "ldm", {**_FULL, "compile": True}, optimised=True, default=False, cpu=True),
     Configuration("cpu_compile", "CPU: --compile, default precision (headline)", "ldm", {"compile": True}, optimised=True,
                   default=False, cpu=True),
+    # Opt-in step caching (DeepCache, depth 1): never in a default set, its images differ (docs/benchmark.md).
+    Configuration("cpu_compile_cache3", "CPU: --compile, default precision, --cache_interval 3", "ldm",
+                  {"compile": True, "cache_interval": 3}, optimised=True, default=False),
+    Configuration("cpu_compile_cache5", "CPU: --compile, default precision, --cache_interval 5", "ldm",
+                  {"compile": True, "cache_interval": 5}, optimised=True, default=False),
     Configuration("cpu_compile_autotune", "CPU: --compile max-autotune, default precision", "ldm",
                   {"compile": True, "compile_mode": "max-autotune"}, optimised=True, default=False),
     Configuration("diffusers_sdpa", "diffusers, SDPA", "diffusers", requires=_PEER),
