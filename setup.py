@@ -24,9 +24,10 @@ setup(
         # The web UI (scripts/webui.py); its tests drive it with gradio_client and Playwright (the
         # browser itself is the system's Chromium: apt-get install chromium).
         "webui": ["gradio>=6,<7", "gradio_client>=2"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia", "torchsde"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "diffusers>=0.30", "transformers>=4.30", "gradio>=6,<7", "gradio_client>=2", "playwright", "kornia", "torchsde", "openvino"],
         "xformers": ["xformers"],
         "controlnet": ["kornia"],  # --preprocess canny
+        "openvino": ["openvino"],  # --compile_backend openvino
         "watermark": ["invisible-watermark"],
     },
 )

@@ -87,6 +87,8 @@ CONFIGURATIONS = (
     Configuration("cpu_compile_full", "CPU: --compile, float32", "ldm", {**_FULL, "compile": True}, optimised=True, default=False, cpu=True),
     Configuration("cpu_compile", "CPU: --compile, default precision (headline)", "ldm", {"compile": True}, optimised=True,
                   default=False, cpu=True),
+    Configuration("cpu_compile_openvino", "CPU: --compile --compile_backend openvino (fed float32)", "ldm",
+                  {"compile": True, "compile_backend": "openvino"}, requires=("openvino",), optimised=True, default=False),
     # Opt-in step caching (DeepCache, depth 1): never in a default set, its images differ (docs/benchmark.md).
     Configuration("cpu_compile_cache3", "CPU: --compile, default precision, --cache_interval 3", "ldm",
                   {"compile": True, "cache_interval": 3}, optimised=True, default=False),

@@ -19,7 +19,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.diffusers_format import Folder, inspect_folder
 from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.settings import ModelSettings
-from ldm.generation.speed import compile_model, compile_module, hold_weights, resolve_precision, use_compile_cache
+from ldm.generation.speed import BACKENDS, compile_model, compile_module, hold_weights, resolve_precision, use_compile_cache
 from ldm.loading import build_model, load_config, load_model_from_config
 from ldm.lora import LoraMerge, lora_names, merge_loras, prompt_loras
 from ldm.modules.attention import check_implementation, sdpa_backends, set_attention_implementation
@@ -155,6 +155,10 @@ def check_settings(settings: ModelSettings) -> None:
         raise UsageError("--device cuda: no CUDA device is available to this PyTorch; use --device cpu")
     if settings.compile_mode is not None and not settings.compile:
         logger.warning("--compile_mode has no effect without --compile")
+    if settings.compile_backend not in BACKENDS:
+        raise UsageError(f"--compile_backend {settings.compile_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if settings.compile_backend != "inductor" and not settings.compile:
+        logger.warning("--compile_backend has no effect without --compile")
     if settings.compile:
         from torch._inductor import list_mode_options
 
@@ -192,9 +196,11 @@ class Model:
             _check_readable(settings.taesd, "--taesd")
         self.config = read_config(self.files.config)
         self.geometry = model_geometry(self.config, self.files.config)
-        self.computes_in = resolve_precision(settings.precision, self.device)
+        fed = BACKENDS[settings.compile_backend].precision if settings.compile else None
+        self.computes_in = fed or resolve_precision(settings.precision, self.device)
         """The precision really used: ``settings.precision``, but "full" for the default on a CPU
-        without native bfloat16 (see :mod:`ldm.generation.speed`)."""
+        without native bfloat16 (see :mod:`ldm.generation.speed`), and the one a compile backend
+        must be fed (OpenVINO: float32, computed in its own choice)."""
         self.embeddings: list[Embedding] = self._read_embeddings()
         self._net: torch.nn.Module | None = None
         self._lora_merge = LoraMerge()
@@ -260,7 +266,7 @@ class Model:
             logger.info("step caching: the whole UNet every %d calls, its shallow path (depth %d) between",
                         settings.cache_interval, settings.cache_depth)
         if settings.compile:
-            compile_model(net, self.device, settings.compile_mode, self._step_cache)
+            compile_model(net, self.device, settings.compile_mode, self._step_cache, settings.compile_backend)
         self._net = net
         return net
 
@@ -292,7 +298,7 @@ class Model:
                 raise GenerationError(f"LoRA: {e}") from None
             self._kept_text.clear()  # a LoRA of the text encoder changes the kept negative prompts' encodings
             if self.settings.compile and self.device.type == "cpu":  # frozen weights: compiled anew (or found on disk)
-                compile_model(net, self.device, self.settings.compile_mode, self._step_cache)
+                compile_model(net, self.device, self.settings.compile_mode, self._step_cache, self.settings.compile_backend)
         return cleaned
 
     def _lora_file(self, name: str) -> Path:
@@ -363,7 +369,7 @@ class Model:
             if self.device.type == "cpu" and self.computes_in != "full":
                 hold_weights(net, torch.bfloat16)
             if self.settings.compile:
-                compile_module(net, self.device, self.settings.compile_mode)
+                compile_module(net, self.device, self.settings.compile_mode, self.settings.compile_backend)
             self._controlnets[path] = net
         return self._controlnets[path]
 

@@ -16,6 +16,7 @@ from ldm.generation.errors import GenerationError, UsageError
 from ldm.generation.model import SD2_CONFIG, Model
 from ldm.generation.pipeline import VAE_SLICE_PIXELS
 from ldm.generation.settings import ModelSettings, OutputSettings, SamplingSettings
+from ldm.generation.speed import BACKENDS
 from ldm.models.diffusion.samplers import ORIGINAL_FLAGS, SAMPLERS, parse_sampler
 from ldm.models.diffusion.schedules import SCHEDULES
 from ldm.modules.attention import IMPLEMENTATIONS
@@ -170,6 +171,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_config: str = str(SD
                             "kept in TORCHINDUCTOR_CACHE_DIR (default ~/.cache/ldm-sd2/torchinductor) for later runs")
     bench.add_argument("--compile_mode", type=str, default=None,
                        help="torch.compile mode: default, reduce-overhead, max-autotune, ... (default: default)")
+    bench.add_argument("--compile_backend", choices=list(BACKENDS), default="inductor",
+                       help="what --compile compiles with: inductor (PyTorch's), or OpenVINO's torch.compile backend on the CPU "
+                            "(pip install openvino; it is fed float32 and chooses its own precision) (default: %(default)s)")
     bench.add_argument("--cache_interval", type=positive, default=1, metavar="N",
                        help="step caching (DeepCache): only every N-th UNet call runs the whole UNet, the others its shallow "
                             "blocks on the kept deep features; faster, at a cost to the image (docs/benchmark.md). 1: off (default)")
@@ -205,7 +209,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         config=args.config, ckpt=args.ckpt, random_weights=args.random_weights, device=args.device,
         precision="bf16" if args.bf16 else args.precision, attention=args.attention, disable_flash=args.disable_flash,
         disable_mem_efficient=args.disable_mem_efficient, disable_math=args.disable_math, compile=args.compile,
-        compile_mode=args.compile_mode, cache_interval=args.cache_interval, cache_depth=args.cache_depth, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
+        compile_mode=args.compile_mode, compile_backend=args.compile_backend, cache_interval=args.cache_interval, cache_depth=args.cache_depth, taesd=args.taesd, loras=tuple(args.lora), lora_dir=args.lora_dir,
         prompt_syntax=args.prompt_syntax, embeddings=tuple(args.embeddings), embeddings_dir=args.embeddings_dir,
     )
 

@@ -200,6 +200,9 @@ def run_stats(pipeline: Pipeline, output: OutputSettings, timing: Timing) -> dic
         "attention": settings.attention,
         "sdpa_disabled": [n for n in ("flash", "mem_efficient", "math") if getattr(settings, f"disable_{n}")],
         "compile": (settings.compile_mode or "default") if settings.compile else False,
+        "compile_backend": settings.compile_backend if settings.compile else None,
+        "cache_interval": settings.cache_interval,
+        "cache_depth": settings.cache_depth if settings.cache_interval > 1 else None,
         "vae_slice_size": pipeline.vae_slice_size,
     }
 

@@ -25,6 +25,7 @@ class ModelSettings:
     ``config``/``ckpt`` both None: the embedded demo model; ``ckpt`` may be a diffusers folder, and
     then names its config when ``config`` is None. ``precision``: "full" (float32),
     "autocast" (the original's: fp16 on CUDA, bf16 on the CPU) or "bf16" (autocast to bfloat16).
+    ``compile_backend``: what ``compile`` compiles with, "inductor" or "openvino" (CPU only; ldm.generation.openvino).
     ``cache_interval``/``cache_depth``: step caching (DeepCache, ldm.modules.diffusionmodules.deepcache;
     an interval of 1 is none).
     ``taesd``: decode with TAESD's decoder from this file instead of the VAE (approximate, fast).
@@ -46,6 +47,7 @@ class ModelSettings:
     disable_math: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    compile_backend: str = "inductor"
     cache_interval: int = 1
     cache_depth: int = 1
     taesd: Path | None = None
