@@ -32,16 +32,32 @@ def sd2_levels():
     return sd2_levels_model()
 
 
-def test_the_shallow_path_on_its_own_features_is_the_full_forward(sd2_levels):
+def residual_shapes(unet, x, t, c) -> list[torch.Size]:
+    """The shapes of the ControlNet residuals the UNet takes: its input blocks' outputs and the middle block's."""
+    shapes = []
+    hooks = [m.register_forward_hook(lambda _, __, out: shapes.append(out.shape)) for m in (*unet.input_blocks, unet.middle_block)]
+    with torch.no_grad():
+        unet(x, t, c)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("controlled", [False, True], ids=["plain", "controlnet-residuals"])
+def test_the_shallow_path_on_its_own_features_is_the_full_forward(sd2_levels, controlled):
     _, model = sd2_levels
     unet = model.model.diffusion_model
     x, t, c = unet_inputs(seed=4)
+    control = None
+    if controlled:  # ControlNet residuals: the shallow path adds those of its own skip connections
+        gen = torch.Generator().manual_seed(7)
+        control = [0.1 * torch.randn(shape, generator=gen) for shape in residual_shapes(unet, x, t, c)]
     with torch.no_grad():
-        full = unet(x, t, c)
+        full = unet(x, t, c, control=control)
         for depth in range(len(unet.input_blocks)):
-            out, deep = unet.run(x, t, c, depth=depth)
+            out, deep = unet.run(x, t, c, control=control, depth=depth)
             assert torch.equal(out, full)
-            assert torch.equal(unet.run(x, t, c, depth=depth, deep=deep)[0], full), depth
+            assert torch.equal(unet.run(x, t, c, control=control, depth=depth, deep=deep)[0], full), depth
 
 
 def entering_output_block(twin, k: int, layers: int) -> torch.nn.Module:
