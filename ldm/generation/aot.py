@@ -127,9 +127,12 @@ class _Forward(nn.Module):
 
 
 def describe_input(value: Any) -> str:
-    """What of an input the compiled code depends on: a tensor's shape, dtype and device; else its value."""
+    """What of an input the compiled code depends on: a tensor's shape, dtype and device (also inside
+    a list or tuple, such as ControlNet residuals); else its value."""
     if isinstance(value, torch.Tensor):
         return f"{value.dtype}{list(value.shape)}@{value.device}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[{', '.join(describe_input(v) for v in value)}]"
     return repr(value)
 
 

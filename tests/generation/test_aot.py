@@ -76,6 +76,9 @@ def test_the_key_follows_what_the_compiled_code_depends_on(folder):
     x = torch.randn(2, 3, 6, 6)
     base = forward.key((x,), {})
     assert forward.key((torch.randn(2, 3, 6, 6),), {}) == base  # the values are inputs, not constants
+    residuals = {"control": [torch.randn(2, 8), torch.randn(2, 4)]}  # a list of tensors (ControlNet residuals)
+    assert forward.key((x,), {"control": [torch.randn(2, 8), torch.randn(2, 4)]}) == forward.key((x,), residuals)
+    assert forward.key((x,), {"control": [torch.randn(2, 8)]}) != forward.key((x,), residuals)
     assert forward.key((x[:1],), {}) != base
     assert forward.key((x.double(),), {}) != base
     with torch.autocast("cpu", dtype=torch.bfloat16):

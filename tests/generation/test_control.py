@@ -246,3 +246,19 @@ def test_the_memory_estimate_counts_each_controlnet(files, monkeypatch):
     pipeline.use_controls([ControlSettings(files["control"], files["hint"])] * 2)
     with pytest.raises(Exception, match="needs about"):
         memory.check_fits(pipeline, guided=True)
+
+
+@pytest.mark.slow
+def test_compiled_controlled_run_compiles_each_network_once(files, tmp_path, caplog):
+    """--compile --control --cache_interval 2 on the CPU: each network's package is keyed by the shapes
+    of its inputs (the residuals' too), not their values, so each is compiled once for the run, not at
+    every step; the image is the eager run's. (One run for ControlNet and step caching: compiling is slow.)"""
+    import logging
+
+    flags = ["--control", str(files["control"]), "--hint", str(files["hint"]), "--cache_interval", "2"]
+    eager = run(files, "txt2img", tmp_path / "eager", *flags)
+    with caplog.at_level(logging.INFO, logger="ldm.generation.aot"):
+        compiled = run(files, "txt2img", tmp_path / "compiled", *flags, "--compile")
+    names = [r.getMessage().split(" ahead of time")[0] for r in caplog.records if "ahead of time for" in r.getMessage()]
+    assert sorted(names) == ["compiling ControlNet", "compiling Decoder", "compiling FullStep", "compiling ShallowStep"], names
+    assert np.abs(eager[0].astype(int) - compiled[0].astype(int)).max() <= 2

@@ -1,7 +1,8 @@
 """--cache_interval / --cache_depth (step caching, DeepCache) in a run: the PNG is DDIM's with the
 UNet's step cache installed by hand (whose numbers are checked against diffusers in
 tests/modules/diffusionmodules/test_deepcache.py), every sampler counts UNet calls, each batch starts
-afresh, --compile compiles both steps; bad values explained.
+afresh; bad values explained. --compile of both steps: tests/generation/test_control.py (one compiled
+run for step caching and ControlNets).
 
 Both sides run the same operations in the same order on the same CPU: pixels agree to one uint8 level.
 """
@@ -69,11 +70,3 @@ def test_bad_cache_settings_are_explained(tiny_files, tmp_path, capsys):
     assert main([*argv, "--cache_interval", "2", "--cache_depth", "9"], "txt2img") != 0
     assert "--cache_interval/--cache_depth: cache depth 9: this UNet takes 0 to 3" in capsys.readouterr().err
     assert not list(tmp_path.glob("samples/*.png"))
-
-
-@pytest.mark.slow
-def test_compiled_step_caching_is_the_eager_one(tiny_files, tmp_path):
-    """--compile compiles the full and the shallow step (frozen, ahead of time on the CPU)."""
-    eager = run(tiny_files, tmp_path / "eager", "--cache_interval", "2")
-    compiled = run(tiny_files, tmp_path / "compiled", "--cache_interval", "2", "--compile")
-    assert np.abs(eager[0].astype(int) - compiled[0].astype(int)).max() <= 2
