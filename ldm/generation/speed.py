@@ -17,7 +17,8 @@ with inductor's on-disk caches reused from one run to the next.
   (:mod:`ldm.generation.aot`), because ``torch.compile`` would lower a frozen graph again in every
   process (its FX graph cache cannot hold one): full UNet, measured, about a minute per run that way
   against seconds to load a package. Packages and inductor's other caches live in a stable per-user
-  folder (:func:`use_compile_cache`).
+  folder (:func:`use_compile_cache`). ``--compile_backend openvino`` compiles with OpenVINO instead
+  (:data:`BACKENDS`).
 
 User documentation: docs/benchmark.md ("On the CPU").
 """
@@ -166,6 +167,7 @@ def compile_module(module: nn.Module, device: torch.device | str, mode: str | No
 
 
 def compile_inductor(module: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:
+    """Inductor: ``module.compile`` on CUDA; on the CPU frozen and ahead of time (:func:`compiled_forward`)."""
     if torch.device(device).type != "cpu":
         use_compile_cache()
         module.compile(mode=mode or "default")
@@ -175,6 +177,7 @@ def compile_inductor(module: nn.Module, device: torch.device | str, mode: str | 
 
 
 def compile_openvino(module: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:
+    """OpenVINO's torch.compile backend (:mod:`ldm.generation.openvino`), imported only when chosen."""
     from ldm.generation import openvino
 
     return openvino.compile_openvino(module, device, mode)
