@@ -151,6 +151,8 @@ def check_settings(settings: ModelSettings) -> None:
         check_implementation(settings.attention)
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"--attention: {e}") from None
+    if settings.compile and settings.compile_backend == "openvino" and settings.device != "cpu":
+        raise UsageError("--compile_backend openvino runs on the CPU: add --device cpu, or compile with inductor")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available to this PyTorch; use --device cpu")
     if settings.compile_mode is not None and not settings.compile:

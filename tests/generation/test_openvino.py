@@ -47,6 +47,12 @@ def test_a_fallback_to_inductor_is_an_error(monkeypatch):
 
 
 def test_openvino_is_cpu_only_and_named_when_missing(monkeypatch):
+    from ldm.generation.errors import UsageError
+    from ldm.generation.model import check_settings
+    from ldm.generation.settings import ModelSettings
+
+    with pytest.raises(UsageError, match="runs on the CPU: add --device cpu"):  # refused before anything loads
+        check_settings(ModelSettings(device="cuda", compile=True, compile_backend="openvino"))
     with pytest.raises(GenerationError, match="runs on the CPU"):
         ov.compile_openvino(torch.nn.Linear(2, 2), "cuda")
     monkeypatch.setattr(ov.importlib.util, "find_spec", lambda name: None)
